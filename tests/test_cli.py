@@ -1,0 +1,58 @@
+"""End-to-end tests of the `brpg` command line, run as subprocesses (exit codes, stderr, files written)."""
+import json, os, shutil, subprocess, sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+       "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
+ENV.pop("BRPG_DEBUG", None)
+SUBCOMMANDS = ("train", "eval", "predict", "splits", "config", "demo")
+
+
+def brpg(*args, cwd=None, timeout=240):
+    "Run `python -m brpg.cli ARGS` (the same `main` as the console script); return the CompletedProcess."
+    return subprocess.run([sys.executable, "-m", "brpg.cli", *map(str, args)], cwd=cwd or ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(r):
+    "A user error: exit code 2 and exactly one stderr line `brpg: error: ...`, no traceback."
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("brpg: error: "), r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+def test_console_script_help():
+    exe = shutil.which("brpg", path=str(Path(sys.executable).parent))
+    assert exe, "the `brpg` console script is not installed in this environment"
+    r = subprocess.run([exe, "--help"], env=ENV, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for c in SUBCOMMANDS: assert c in r.stdout
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS)
+def test_subcommand_help(cmd):
+    r = brpg(cmd, "--help")
+    assert r.returncode == 0, r.stderr
+    assert "usage:" in r.stdout and cmd in r.stdout.split("\n", 1)[0]
+
+
+def test_config_typo_names_closest_key():
+    line = one_line_error(brpg("config", "--config", "demo", "--set", "method.temprature=0.2"))
+    assert "method.temprature" in line and "method.temperature" in line
+
+
+def test_config_prints_resolved_and_keys():
+    r = brpg("config", "--config", "demo", "--set", "method.temperature=0.2")
+    assert r.returncode == 0 and "temperature: 0.2" in r.stdout and "backbone: resnet18" in r.stdout
+    r = brpg("config", "--keys")
+    assert r.returncode == 0 and "method.proto_loss_weight = 0.25  # " in r.stdout
+
+
+def test_missing_config_file_is_one_line():
+    line = one_line_error(brpg("train", "--config", "/nonexistent/cfg.yaml"))
+    assert "/nonexistent/cfg.yaml" in line
