@@ -144,6 +144,7 @@ class TrainerConfig:
     tensorboard: bool = F(True, "write TensorBoard scalars and prediction images")
     progress: bool = F(True, "show a tqdm progress bar")
     save_every: int = F(0, "also write `last` every N iterations (0 = at validation only)")
+    view_every: int = F(50, "emit a small feature sample to the views every N iterations (0 = never)")
 
 # %% ../nbs/00_config.ipynb #c618031e
 @dataclass
