@@ -56,3 +56,23 @@ def test_config_prints_resolved_and_keys():
 def test_missing_config_file_is_one_line():
     line = one_line_error(brpg("train", "--config", "/nonexistent/cfg.yaml"))
     assert "/nonexistent/cfg.yaml" in line
+
+
+def test_splits_on_tiny_folder_dataset(tmp_path):
+    import numpy as np
+    from PIL import Image
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True); (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "images" / f"im{i}.png")
+        if i < 5: Image.fromarray(rng.integers(0, 3, (16, 16), dtype=np.uint8)).save(root / "masks" / f"im{i}.png")
+    (root / "classes.txt").write_text("a\nb\nc\n")
+    r = brpg("splits", "--dataset", "folder", "--root", root, "--n-labeled", 2, "--seed", 1, "--set", "data.num_classes=3")
+    assert r.returncode == 0, r.stderr
+    lab = (root / "splits" / "labeled.txt").read_text().split()
+    unl = (root / "splits" / "unlabeled.txt").read_text().split()
+    assert len(lab) == 2 and not set(lab) & set(unl) and sorted(lab + unl) == [f"im{i}" for i in range(6)]
+    assert "im5" not in lab  # im5 has no mask, so it can only be unlabeled
+    r = brpg("splits", "--dataset", "folder", "--root", root, "--n-labeled", 9, "--set", "data.num_classes=3")
+    assert r.returncode == 2 and "n_labeled = 9" in r.stderr and "Traceback" not in r.stderr
