@@ -99,13 +99,17 @@ def test_voc_layout(tmp_path):
     v = ds["val"][0]
     assert v["id"] == ids[6] and v["mask"][1, 1] == 20 and v["mask"].max() == 255  # indices, not palette colours
     assert ds["labeled"][(1, 0)]["mask"].shape == (16, 16)
+    # the official layout keeps val.txt one level above the per-split folders: it wins over ImageSets
+    write(tmp_path / "lists" / "val.txt", ids[7:], trailing=False)
+    assert [s.id for s in dataset_catalog(cfg).val] == ids[7:]
     # SegmentationClass is the fallback when there is no Aug folder
     (tmp_path / "SegmentationClassAug").rename(tmp_path / "SegmentationClass")
     assert dataset_catalog(cfg).labeled[0].mask == tmp_path / "SegmentationClass" / f"{ids[0]}.png"
     # write_splits: pool = masked ids minus val ids, official line format (bare ids)
+    (tmp_path / "lists" / "val.txt").unlink()
     pl, pu = write_splits(cfg, 3, seed=0, out_dir=tmp_path / "new")
     lab = [f[0] for _, f in read_split(pl)]; unl = [f[0] for _, f in read_split(pu)]
-    assert len(lab) == 3 and sorted(lab + unl) == ids[:6]
+    assert len(lab) == 3 and sorted(lab + unl) == ids[:6]  # ImageSets val ids excluded from the pool
 
 
 def test_cityscapes_layout(tmp_path):
@@ -309,6 +313,8 @@ def test_demo_through_config(tmp_path):
                         "--set", "data.demo_num_val=5", "--set", "data.demo_num_labeled=4", "--n-labeled", "8",
                         "--out", str(tmp_path / "s")]) == 0
     assert len(read_split(tmp_path / "s/labeled.txt")) == 8 and len(read_split(tmp_path / "s/unlabeled.txt")) == 17
+    ds8 = build_datasets(replace(cfg, data=replace(cfg.data, split_dir=str(tmp_path / "s"))))  # val.txt: the generated one
+    assert (len(ds8["labeled"]), len(ds8["unlabeled"]), len(ds8["val"])) == (8, 17, 5)
 
 
 def test_splits_main_errors(tmp_path, capsys):
