@@ -38,29 +38,34 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, out_dir, sync):
+def _worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        bank = _bank()
-        feats, labels = _local_data(rank)
-        for _ in range(3):                                            # a few steps, so drift accumulates
-            bank.ema_update(feats, labels, decay=0.9, sync=sync, fault_weight=2.0)
-        torch.save({"protos": bank.protos, "usage": bank.usage}, os.path.join(out_dir, f"rank{rank}.pt"))
+        res = {}
+        for sync in (True, False):
+            bank = _bank()
+            feats, labels = _local_data(rank)
+            for _ in range(3):                                        # a few steps, so drift accumulates
+                bank.ema_update(feats, labels, decay=0.9, sync=sync, fault_weight=2.0)
+            res[sync] = {"protos": bank.protos, "usage": bank.usage}
+        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _run(sync):
+@pytest.fixture(scope="module")
+def ranks():
+    "Both ranks' results for sync=True and sync=False (one spawn of 2 processes for the whole module)."
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(2, _free_port(), d, sync), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, _free_port(), d), nprocs=2, join=True)
         return [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(2)]
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
-def test_sync_true_ranks_identical_and_equal_union():
-    r0, r1 = _run(sync=True)
+def test_sync_true_ranks_identical_and_equal_union(ranks):
+    r0, r1 = ranks[0][True], ranks[1][True]
     assert torch.equal(r0["protos"], r1["protos"])
     assert torch.equal(r0["usage"], r1["usage"])
     ref = _bank()
@@ -74,8 +79,8 @@ def test_sync_true_ranks_identical_and_equal_union():
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
-def test_sync_false_ranks_drift():
-    r0, r1 = _run(sync=False)
+def test_sync_false_ranks_drift(ranks):
+    r0, r1 = ranks[0][False], ranks[1][False]
     assert not torch.allclose(r0["protos"], r1["protos"])
     for rank, r in enumerate((r0, r1)):                               # each rank = a purely local update
         ref = _bank()
