@@ -1,0 +1,163 @@
+"""Trainer end-to-end on a tiny demo config (CPU): exact resume, bad input, NaN stop, interrupts."""
+import json, os, signal, subprocess, sys, textwrap, time
+from pathlib import Path
+
+import pytest
+import torch
+
+import brpg.losses
+from brpg.trainer import Trainer, TrainerError, NonFiniteLossError, load_checkpoint, tiny_demo_config, train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class StopAt:
+    "Callback: request a stop once `iteration` iterations are done."
+    def __init__(self, iteration): self.iteration = iteration
+    def on_step_end(self, trainer, logs):
+        if trainer.iteration == self.iteration: trainer.stop("test")
+
+
+def _state(tr):
+    return {"student": tr.student.state_dict(), "teacher": tr.teacher.state_dict(), "bank": tr.bank.state_dict(),
+            "momentum": [s["momentum_buffer"] for s in tr.optimizer.state_dict()["state"].values()]}
+
+
+def _assert_same(a, b, where=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a: _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)): _assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where} differs (max abs diff {(a.float() - b.float()).abs().max():.3g})"
+    else:
+        assert a == b, where
+
+
+def test_resume_is_exact(tmp_path):
+    "8 iterations straight == 3 + stop + resume to 5 (queues live) + stop + resume to 8 (prototypes live)."
+    cfg = tiny_demo_config("brpg", ["trainer.epochs=4"])          # init at iteration 4
+    straight = Trainer(cfg, out_dir=tmp_path / "a")
+    straight.fit()
+    assert straight.iteration == 8 and bool(straight.bank.initialized)
+
+    tr = Trainer(cfg, callbacks=[StopAt(3)], out_dir=tmp_path / "b")
+    r = tr.fit()
+    assert r["stopped"] and r["iterations"] == 3
+    ck = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert ck["iteration"] == 3 and ck["queues"] is not None and not bool(ck["bank"]["initialized"])
+    tr = Trainer(cfg, callbacks=[StopAt(5)], out_dir=tmp_path / "b", resume=True)
+    assert tr.iteration == 3 and tr.queues is not None
+    tr.fit()
+    ck = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert ck["iteration"] == 5 and bool(ck["bank"]["initialized"]) and ck["queues"] is None
+    tr = Trainer(cfg, out_dir=tmp_path / "b", resume=True)
+    res = tr.fit()
+    assert res["iterations"] == 8 and not res["stopped"]
+
+    _assert_same(_state(straight), _state(tr))
+    val = lambda t: [(h["iteration"], h["miou"]) for h in t.history if h["type"] == "val"]
+    assert val(straight) == val(tr)
+    # metrics.jsonl of the resumed run: one record per log step, no duplicates across the resumes
+    recs = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    its = [r["iteration"] for r in recs if r["type"] == "train"]
+    assert its == list(range(1, 9))
+
+
+def _tiny_run(tmp_path, name="run", method="supervised", extra=()):
+    out = tmp_path / name
+    Trainer(tiny_demo_config(method, ["trainer.max_iters=1", *extra]), out_dir=out).fit()
+    return out
+
+
+def test_out_dir_and_resume_errors(tmp_path):
+    out = _tiny_run(tmp_path)
+    before = (out / "last.pt").read_bytes()
+    with pytest.raises(TrainerError, match="already holds a run") as e:
+        Trainer(tiny_demo_config("supervised"), out_dir=out)
+    assert "\n" not in str(e.value)
+    with pytest.raises(TrainerError, match="exclude each other"):
+        Trainer(tiny_demo_config("supervised"), out_dir=out, resume=True, overwrite=True)
+    with pytest.raises(TrainerError, match="does not exist"):
+        Trainer(tiny_demo_config("supervised"), out_dir=tmp_path / "empty", resume=True)
+    # resume with another class count / backbone: one line naming both values; the checkpoint is untouched
+    cfg = tiny_demo_config("supervised", ["data.num_classes=12"])
+    with pytest.raises(TrainerError, match=r"num_classes=11 .*num_classes=12") as e:
+        Trainer(cfg, out_dir=out, resume=True)
+    assert "\n" not in str(e.value)
+    with pytest.raises(TrainerError, match="backbone='resnet18'.*backbone='resnet34'"):
+        Trainer(tiny_demo_config("supervised", ["model.backbone=resnet34"]), out_dir=out, resume=True)
+    # missing dataset: one line naming the key and the folder; nothing is written
+    bad = tiny_demo_config("supervised", ["data.dataset=voc", f"data.root={tmp_path / 'no_such_voc'}"])
+    with pytest.raises(TrainerError, match="no_such_voc") as e:
+        Trainer(bad, out_dir=out, overwrite=True)
+    assert "\n" not in str(e.value) and "data.root" in str(e.value)
+    assert (out / "last.pt").read_bytes() == before
+    # overwrite=True replaces the run
+    r = Trainer(tiny_demo_config("supervised", ["trainer.max_iters=2"]), out_dir=out, overwrite=True).fit()
+    assert r["iterations"] == 2 and load_checkpoint(out / "last.pt")["iteration"] == 2
+
+
+@pytest.mark.parametrize("log_every", [1, 10])
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, log_every):
+    "NaN in L_s at iteration 3: stop naming iteration and term; last.pt stays the finite one of iteration 2."
+    real, calls = brpg.losses.supervised_loss, []
+    def flaky(logits, target, cfg, ignore_index=255):
+        calls.append(1)
+        loss = real(logits, target, cfg, ignore_index)
+        return loss * float("nan") if len(calls) == 3 else loss
+    monkeypatch.setattr(brpg.losses, "supervised_loss", flaky)
+    out = tmp_path / "run"
+    cfg = tiny_demo_config("supervised", [f"trainer.log_every={log_every}", "trainer.val_every=2", "trainer.epochs=5"])
+    with pytest.raises(NonFiniteLossError, match="iteration 3: loss_sup = nan") as e:
+        Trainer(cfg, out_dir=out).fit()
+    assert "\n" not in str(e.value)
+    ck = load_checkpoint(out / "last.pt")
+    assert ck["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in ck["student"].values() if v.is_floating_point())
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert recs[-1]["type"] == "error" and "iteration 3" in recs[-1]["message"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_with_checkpoint(tmp_path, sig):
+    class Kill:
+        def on_step_end(self, trainer, logs):
+            if trainer.iteration == 2: os.kill(os.getpid(), sig)
+    before = signal.getsignal(sig)
+    tr = Trainer(tiny_demo_config("supervised"), callbacks=[Kill()], out_dir=tmp_path)
+    r = tr.fit()
+    assert r["stopped"] and r["stop_reason"] == sig.name and r["iterations"] == 2
+    assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 2
+    assert signal.getsignal(sig) == before                      # the previous handler is back
+
+
+def test_ctrl_c_in_a_real_process(tmp_path):
+    "train_main in a subprocess; SIGINT after a few iterations -> exit 0, checkpoint, message; resume continues."
+    out = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        from brpg.trainer import train_main, tiny_demo_config
+        r = train_main(tiny_demo_config("supervised", ["trainer.epochs=200"]), {str(out)!r})
+        print("RESULT", r["stopped"], r["iterations"])
+    """)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 60:
+            m = out / "metrics.jsonl"
+            if m.exists() and sum(1 for _ in m.open()) >= 2: break
+            if p.poll() is not None: break
+            time.sleep(0.2)
+        p.send_signal(signal.SIGINT)
+        so, se = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None: p.kill()
+    assert p.returncode == 0, se[-2000:]
+    assert "RESULT True" in so and "stopped at iteration" in se
+    n = load_checkpoint(out / "last.pt")["iteration"]
+    assert 2 <= n < 400
+    tr = Trainer(tiny_demo_config("supervised", ["trainer.epochs=200"]), out_dir=out, resume=True)
+    assert tr.iteration == n
