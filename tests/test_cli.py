@@ -76,3 +76,74 @@ def test_splits_on_tiny_folder_dataset(tmp_path):
     assert "im5" not in lab  # im5 has no mask, so it can only be unlabeled
     r = brpg("splits", "--dataset", "folder", "--root", root, "--n-labeled", 9, "--set", "data.num_classes=3")
     assert r.returncode == 2 and "n_labeled = 9" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    "`brpg train` of a seconds-scale BRPG config (sup-only, sampling and prototype phases: 6 iterations)."
+    from brpg.config import save_config
+    from brpg.trainer import tiny_demo_config
+    d = tmp_path_factory.mktemp("cli")
+    save_config(tiny_demo_config("brpg", ["trainer.epochs=3"]), d / "tiny.yaml")
+    save_config(tiny_demo_config("brpg", ["trainer.epochs=3", "data.num_classes=5"]), d / "tiny5.yaml")
+    r = brpg("train", "--config", d / "tiny.yaml", "--out", d / "run", cwd=d)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d
+
+
+def test_train_writes_run(tiny_run):
+    run = tiny_run / "run"
+    assert {"last.pt", "best.pt", "config.yaml", "metrics.jsonl"} <= {p.name for p in run.iterdir()}
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert recs[-1]["type"] == "end" and recs[-1]["iterations"] == 6
+    assert any(r.get("phase") == "prototypes" for r in recs)  # the run reached the prototype phase
+
+
+def test_eval_writes_json(tiny_run):
+    out = tiny_run / "eval.json"
+    r = brpg("eval", "--checkpoint", tiny_run / "run", "--out", out, cwd=tiny_run)  # config from the run
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert 0 <= res["miou"] <= 1 and 0 <= res["boundary_iou"] <= 1
+    assert list(res["iou"]) == ["background"] + [f"digit {i}" for i in range(10)]
+    assert res["checkpoint"].endswith("best.pt") and f"mIoU {100 * res['miou']:.2f}" in r.stdout
+    # the number the trainer logged for best.pt is what `brpg eval` measures again
+    recs = [json.loads(l) for l in (tiny_run / "run" / "metrics.jsonl").read_text().splitlines()]
+    best = max((x for x in recs if x["type"] == "val"), key=lambda x: x["miou"])
+    assert abs(best["miou"] - res["miou"]) < 1e-4, (best, res["miou"])
+
+
+def test_predict_writes_pngs(tiny_run):
+    import numpy as np
+    from PIL import Image
+    imgs = tiny_run / "imgs"; imgs.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (37, 45, 3), dtype=np.uint8)).save(imgs / "a.png")
+    Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(imgs / "b.jpg")
+    r = brpg("predict", "--checkpoint", tiny_run / "run" / "last.pt", imgs, "--out", tiny_run / "pred", cwd=tiny_run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    names = sorted(p.name for p in (tiny_run / "pred").iterdir())
+    assert names == sorted(f"{s}_{k}.png" for s in "ab" for k in ("mask", "overlay", "label"))
+    assert np.asarray(Image.open(tiny_run / "pred" / "a_mask.png")).shape == (37, 45, 3)
+    assert np.asarray(Image.open(tiny_run / "pred" / "b_label.png")).shape == (20, 30)
+    assert np.asarray(Image.open(tiny_run / "pred" / "a_label.png")).max() < 11
+    one_line_error(brpg("predict", "--checkpoint", tiny_run / "run", tiny_run / "nope.png", "--out", tiny_run / "p2"))
+
+
+def test_train_refuses_existing_run(tiny_run):
+    last = tiny_run / "run" / "last.pt"
+    before = (last.stat().st_mtime_ns, last.read_bytes())
+    line = one_line_error(brpg("train", "--config", tiny_run / "tiny.yaml", "--out", tiny_run / "run", cwd=tiny_run))
+    assert "already holds a run" in line and "--resume" in line and "--overwrite" in line
+    assert (last.stat().st_mtime_ns, last.read_bytes()) == before
+
+
+def test_checkpoint_of_other_class_count(tiny_run):
+    line = one_line_error(brpg("eval", "--checkpoint", tiny_run / "run" / "best.pt", "--config", tiny_run / "tiny5.yaml"))
+    assert "11 classes" in line and "data.num_classes=5" in line
+
+
+def test_bad_checkpoint_file(tmp_path):
+    (tmp_path / "x.pt").write_bytes(b"garbage")
+    line = one_line_error(brpg("eval", "--checkpoint", tmp_path / "x.pt"))
+    assert "x.pt" in line and "not a readable torch checkpoint" in line
