@@ -15,13 +15,27 @@ backward stops there (the model's share of the L_pro backward is inside the mode
 
 Command lines (from the repository root, venv active):
 
-    # CPU (2 cores here): reduced crop for the R101 step, reduced queues for the COCO clustering
-    OMP_NUM_THREADS=2 python benchmarks/prototype_step.py --device cpu --scale both --repeats 5 \
-        --model-crop 257 --model-repeats 2 --queue-len 30000 --init-repeats 1
+    # CPU (the numbers reported for this repository: 1 thread on a shared 2-core machine);
+    # the R101 step runs at a reduced crop (a 513 crop takes many minutes on one core)
+    OMP_NUM_THREADS=1 python benchmarks/prototype_step.py --device cpu --scale both --repeats 5 \
+        --init-repeats 1 --model-crop 129 --model-repeats 1 --model-warmup 0
     # GPU, official sizes
     python benchmarks/prototype_step.py --device cuda --scale both --repeats 20
     # quick smoke run
     python benchmarks/prototype_step.py --device cpu --scale voc --repeats 2 --skip-model --queue-len 2000
+
+Measured 2026-11-25 with the CPU command above (torch 2.14.1, 1 thread on a 2-core machine shared with other
+jobs at load ~6, so wall times are inflated; no GPU was available):
+
+    VOC  (86 prototypes):  prototype step 1.36 s (sampling fwd 0.34, L_pro fwd 0.05, EMA 0.06, backward 0.91);
+                           init (42 queues x 30000x256) 16.2 s; R101 step at crop 129: 36.4 s -> ratio 3.7%
+                           (0.24% with the model time scaled to 513 by pixel count)
+    COCO (332 prototypes): prototype step 1.58 s (sampling fwd 0.17, L_pro fwd 0.19, EMA 0.19, backward 1.04);
+                           init (162 queues x 30000x256) 86.3 s; R101 step at crop 129: 34.3 s -> ratio 4.6%
+                           (0.29% scaled to 513)
+
+On CPU the backward is dominated by the zero-filled full-size gradient buffers that the sampling ops'
+index/slice backward allocates for the [8, 256, 129, 129] rep map (memory bound; cheap on a GPU).
 
 `--crop` sets the crop of the prototype step (513 = official); `--model-crop` the crop of the R101 step
 (default: same as --crop). When they differ the ratio is also reported with the model time extrapolated to
@@ -96,6 +110,18 @@ def bench_proto_step(C, args, dev):
         out.update(n_l=fl.shape[0], n_u=fu.shape[0], loss=loss)
 
     med, ts = _median_time(step, args.repeats, dev)
+    # breakdown (forward pieces timed alone; backward = full step - the pieces)
+    parts = {}
+    with torch.no_grad():
+        parts["sampling fwd (grid + pick)"] = _median_time(lambda: (labeled_grid(rep[:B], gt, cfg.grid_num), unlabeled_pick(
+            rep[B:], conf, pseudo, cfg.pseudo_threshold, B * cfg.unsup_sample_num, generator=gen)), args.repeats, dev)[0]
+        fl, yl = labeled_grid(rep[:B], gt, cfg.grid_num)
+        fu, yu = unlabeled_pick(rep[B:], conf, pseudo, cfg.pseudo_threshold, B * cfg.unsup_sample_num, generator=gen)
+        parts["L_pro fwd"] = _median_time(lambda: prototype_loss(bank, fl, yl, fu, yu, cfg.temperature), args.repeats, dev)[0]
+        f, y = torch.cat([fl, fu]), torch.cat([yl, yu])
+        parts["EMA"] = _median_time(lambda: bank.ema_update(f, y, sync=False), args.repeats, dev)[0]
+    parts["backward (rest)"] = med - sum(parts.values())
+    out["parts"] = parts
     return med, ts, out, int(bank.num_prototypes)
 
 
@@ -135,7 +161,7 @@ def bench_model(C, args, dev):
             pred = F.interpolate(out["pred"], size=(H, H), mode="bilinear", align_corners=True)
             loss = F.cross_entropy(pred.float(), y) + out["rep"].float().pow(2).mean()
         loss.backward()
-    med, ts = _median_time(step, args.model_repeats, dev)
+    med, ts = _median_time(step, args.model_repeats, dev, warmup=args.model_warmup)
     return med, ts, f"brpg.models.create_segmenter(DeepLabV3+, timm {args.backbone}, OS {args.output_stride}, random init)"
 
 
@@ -146,6 +172,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=10, help="timed repeats of the prototype step (median reported)")
     p.add_argument("--init-repeats", type=int, default=3, help="timed repeats of the initial clustering")
     p.add_argument("--model-repeats", type=int, default=None, help="timed repeats of the model step (default --repeats)")
+    p.add_argument("--model-warmup", type=int, default=1, help="untimed model steps before timing")
     p.add_argument("--batch", type=int, default=4, help="labeled = unlabeled images per process (official 4)")
     p.add_argument("--crop", type=int, default=513, help="crop of the prototype step (official 513)")
     p.add_argument("--model-crop", type=int, default=None, help="crop of the R101 step (default --crop)")
@@ -172,6 +199,7 @@ def main(argv=None):
         med, ts, out, P = bench_proto_step(C, args, dev)
         print(f"prototype step: median {med * 1e3:.1f} ms over {len(ts)} (min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f}); "
               f"{P} prototypes, N_l={out['n_l']}, N_u={out['n_u']}")
+        print("  breakdown: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in out["parts"].items()))
         if not args.skip_init:
             mi, ti, Pi = bench_init(C, args, dev)
             print(f"initial clustering (APO + batched_kmeans of {2 * C} queues of {args.queue_len}x{args.dim}, k=2/3): "
