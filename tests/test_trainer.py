@@ -161,3 +161,23 @@ def test_ctrl_c_in_a_real_process(tmp_path):
     assert 2 <= n < 400
     tr = Trainer(tiny_demo_config("supervised", ["trainer.epochs=200"]), out_dir=out, resume=True)
     assert tr.iteration == n
+
+
+def test_variants_grad_accum_no_teacher_bn_forward_tensorboard(tmp_path):
+    "grad_accum=2 (iterations per epoch = batches // 2), eval-mode entropy, TensorBoard scalars + image, tqdm."
+    cfg = tiny_demo_config("mean_teacher", ["trainer.iters_per_epoch=0", "trainer.grad_accum=2", "trainer.max_iters=1",
+                                            "method.sup_only_epochs=0", "method.teacher_bn_train_forward=false",
+                                            "trainer.tensorboard=true", "trainer.progress=true"])
+    tr = Trainer(cfg, out_dir=tmp_path)
+    assert tr.iters_per_epoch == len(tr.loaders["unlabeled"]) // 2
+    t_buf0 = {k: v.clone() for k, v in tr.teacher.state_dict().items() if "running_mean" in k}
+    r = tr.fit()
+    assert r["iterations"] == 1 and r["final_miou"] is not None
+    logs = [h for h in tr.history if h["type"] == "train"]
+    assert all(h["loss_unsup"] > 0 and h["phase"] == "semi" for h in logs)
+    # without the train-mode teacher forward the teacher's BN buffers follow the student by EMA (d = 0 at t = 0)
+    s_buf, t_buf = tr.student.state_dict(), tr.teacher.state_dict()
+    assert all(torch.equal(t_buf[k], s_buf[k]) and not torch.equal(t_buf[k], t_buf0[k]) for k in t_buf0)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ev = EventAccumulator(str(tmp_path / "tb")); ev.Reload()
+    assert {"train/loss", "train/lr", "val/miou"} <= set(ev.Tags()["scalars"]) and "val/prediction" in ev.Tags()["images"]
