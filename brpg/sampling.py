@@ -248,11 +248,11 @@ def _bilinear_points(rep: torch.Tensor, b: torch.Tensor, ys: torch.Tensor, xs: t
     y0 = ys.floor().long().clamp(0, h - 1); x0 = xs.floor().long().clamp(0, w - 1)
     y1 = (y0 + 1).clamp(max=h - 1); x1 = (x0 + 1).clamp(max=w - 1)
     wy = (ys.float() - y0)[:, None]; wx = (xs.float() - x0)[:, None]
-    flat = rep.permute(0, 2, 3, 1).reshape(B * h * w, D)
-    base = b * (h * w)
-    def at(yy, xx): return flat[base + yy * w + xx].float()
-    out = ((1 - wy) * ((1 - wx) * at(y0, x0) + wx * at(y0, x1))
-           + wy * ((1 - wx) * at(y1, x0) + wx * at(y1, x1)))
+    # one advanced-index gather of all four corners from the un-permuted map: no copy of `rep`, and the
+    # backward is a single index_put into one zero-filled gradient
+    pos = torch.cat([y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1])
+    v = rep.flatten(2)[b.repeat(4), :, pos].float().reshape(4, -1, D)
+    out = (1 - wy) * ((1 - wx) * v[0] + wx * v[1]) + wy * ((1 - wx) * v[2] + wx * v[3])
     return out.to(rep.dtype)
 
 def labeled_grid(rep: torch.Tensor, gt: torch.Tensor, grid_num: int = 32):
@@ -266,7 +266,7 @@ def labeled_grid(rep: torch.Tensor, gt: torch.Tensor, grid_num: int = 32):
     labels = gt[:, py.to(gt.device)][:, :, px.to(gt.device)].reshape(-1)
     if bool((sy == sy.round()).all() and (sx == sx.round()).all()):
         iy, ix = sy.round().long().to(rep.device), sx.round().long().to(rep.device)
-        feats = rep[:, :, iy][:, :, :, ix].permute(0, 2, 3, 1).reshape(-1, D)
+        feats = rep[:, :, iy[:, None], ix[None, :]].permute(0, 2, 3, 1).reshape(-1, D)  # one gather
     else:
         G1, G2 = len(py), len(px)
         b = torch.arange(B, device=rep.device).repeat_interleave(G1 * G2)
