@@ -181,3 +181,18 @@ def test_variants_grad_accum_no_teacher_bn_forward_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     ev = EventAccumulator(str(tmp_path / "tb")); ev.Reload()
     assert {"train/loss", "train/lr", "val/miou"} <= set(ev.Tags()["scalars"]) and "val/prediction" in ev.Tags()["images"]
+
+
+def test_recluster_keeps_queues_and_emits_updates(tmp_path):
+    "method.recluster_every>0: queues stay alive after init, prototypes are re-clustered and views are told."
+    class Rec:
+        def __init__(self): self.ev = []
+        def on_prototypes_initialized(self, tr, bank): self.ev.append(("init", tr.iteration))
+        def on_prototypes_updated(self, tr, bank): self.ev.append(("upd", tr.iteration))
+    rec = Rec()
+    tr = Trainer(tiny_demo_config("brpg", ["trainer.epochs=3", "method.recluster_every=1", "trainer.log_every=10"]),
+                 callbacks=[rec], out_dir=tmp_path)
+    tr.fit()
+    assert rec.ev[0] == ("init", 4) and ("upd", 5) in rec.ev          # re-clustered before iteration 6
+    assert tr.queues is not None and int(tr.queues["high"].counts.sum() + tr.queues["low"].counts.sum()) > 0
+    assert load_checkpoint(tmp_path / "last.pt")["queues"] is not None
