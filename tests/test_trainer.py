@@ -196,3 +196,13 @@ def test_recluster_keeps_queues_and_emits_updates(tmp_path):
     assert rec.ev[0] == ("init", 4) and ("upd", 5) in rec.ev          # re-clustered before iteration 6
     assert tr.queues is not None and int(tr.queues["high"].counts.sum() + tr.queues["low"].counts.sum()) > 0
     assert load_checkpoint(tmp_path / "last.pt")["queues"] is not None
+
+
+def test_overwrite_keeps_old_checkpoint_until_the_new_run_saves(tmp_path, monkeypatch):
+    out = _tiny_run(tmp_path, extra=["trainer.max_iters=2", "trainer.val_every=1"])
+    old_last, old_best = (out / "last.pt").read_bytes(), (out / "best.pt").read_bytes()
+    def boom(*a, **k): raise RuntimeError("crash in the first iteration")
+    monkeypatch.setattr(brpg.losses, "supervised_loss", boom)
+    with pytest.raises(RuntimeError, match="first iteration"):
+        Trainer(tiny_demo_config("supervised"), out_dir=out, overwrite=True).fit()
+    assert (out / "last.pt").read_bytes() == old_last and (out / "best.pt").read_bytes() == old_best
