@@ -147,7 +147,7 @@ def test_drift_view_class_dropdown_and_scale(syn):
 
 def test_dashboard_updates_live_from_background_trainer():
     tr = SyntheticTrainer(iters=250, view_every=25, val_every=50, init_at=10, step_seconds=0.004)
-    dash = TrainingDashboard(tr, class_names=tr.class_names, interval=0.1, feature_interval=0.2)
+    dash = TrainingDashboard(tr, class_names=tr.class_names, interval=0.1, feature_interval=0.2, max_duty=1.0)
     seen = []
     dash.curves.image.observe(lambda ch: seen.append((dash.state, len(dash.curves.artists["loss"]["loss"].get_xdata()))), "value")
     dash.run()
@@ -166,10 +166,21 @@ def test_dashboard_updates_live_from_background_trainer():
 
 def test_dashboard_throttles_redraws():
     tr = SyntheticTrainer(iters=400, view_every=5, val_every=20, init_at=5, step_seconds=0.002)
-    dash = TrainingDashboard(tr, interval=0.5, feature_interval=5.0)
+    dash = TrainingDashboard(tr, interval=0.5, feature_interval=5.0, max_duty=1.0)
     t0 = time.perf_counter(); dash.run(block=True); el = time.perf_counter() - t0
     assert dash.draws <= el / 0.5 + 2, (dash.draws, el)             # not one redraw per event
     assert dash.features.renders <= el / 5.0 + 2                      # projection at most every feature_interval
+
+
+def test_dashboard_drawing_duty_cycle_is_bounded():
+    tr = SyntheticTrainer(iters=600, view_every=5, val_every=20, init_at=5, step_seconds=0.004)
+    dash = TrainingDashboard(tr, interval=0.01, feature_interval=0.0, max_duty=0.1)   # wants to draw constantly
+    dash.run()
+    dash.tabs.selected_index = 2                                      # the drift tab: redrawn on every update
+    t0 = time.perf_counter(); dash.join(timeout=60); el = time.perf_counter() - t0
+    per_draw = dash.draw_seconds / max(dash.draws, 1)
+    # drawing stays near max_duty of the wall time (+ the first and the final draw)
+    assert dash.draw_seconds <= 0.1 * el + 3 * per_draw + 0.2, (dash.draw_seconds, el, dash.draws)
 
 
 def test_stop_button_stops_cleanly_with_checkpoint(tmp_path):
