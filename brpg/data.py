@@ -15,7 +15,7 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset, DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from PIL import Image, ImageFilter, UnidentifiedImageError
-from .config import Config, DataConfig, ConfigError, load_config, apply_overrides
+from .config import Config, DataConfig, ConfigError, load_config
 
 # %% auto #0
 __all__ = ['VOC_CLASSES', 'CITYSCAPES_CLASSES', 'COCO_CLASSES', 'DEMO_CLASSES', 'IMG_EXTS', 'DEMO_VERSION', 'voc_palette',
