@@ -1,7 +1,8 @@
 """Real-browser test of the brpg.views widgets: JupyterLab (headless, 127.0.0.1, random port, token) driven
 by Playwright with Debian's Chromium. It opens a synthetic-data demo notebook, runs it, moves the feature
 view's threshold slider with the keyboard and checks that the kernel re-rendered the figure; then it checks
-that the training dashboard, fed by a trainer running in a background thread, updates the page by itself.
+that the training dashboard, fed by a trainer running in a background thread, updates the page by itself, and
+that its Stop button ends a long run.
 
 Skipped (with the reason) only when chromium or playwright is missing, and never under CI=true."""
 import os, secrets, shutil, socket, subprocess, sys, tempfile, time, urllib.request
@@ -101,7 +102,7 @@ def test_views_in_jupyterlab(lab):
             page.goto(f"{url}/lab/tree/views_demo.ipynb?token={token}")
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
             cells = page.locator(".jp-Notebook .jp-Cell.jp-CodeCell")
-            expect(cells).to_have_count(2, timeout=30_000)
+            expect(cells).to_have_count(3, timeout=30_000)
             # run the feature-view cell
             _run_cell(page, cells.nth(0))
             out0 = cells.nth(0).locator(".jp-OutputArea")
@@ -139,6 +140,18 @@ def test_views_in_jupyterlab(lab):
             assert "iteration 150" in dstat.inner_text(), dstat.inner_text()
             curves = out1.locator("img").first
             assert curves.evaluate("el => el.naturalWidth") > 0
+            _no_traceback(page)
+            # the Stop button of a long run: the click reaches the kernel while fit() runs in its thread
+            _run_cell(page, cells.nth(2))
+            out2 = cells.nth(2).locator(".jp-OutputArea")
+            st2 = out2.locator(".widget-html-content").first
+            st2.wait_for(state="visible", timeout=60_000)
+            page.wait_for_function("el => /running.*iteration [1-9]/.test(el.innerText)", arg=st2.element_handle(), timeout=30_000)
+            out2.locator("button:has-text('Stop')").click()
+            page.wait_for_function("el => el.innerText.includes('stopped')", arg=st2.element_handle(), timeout=30_000)
+            it = int(st2.inner_text().split("iteration ")[1].split(",")[0])
+            assert 0 < it < 100_000
+            assert out2.locator("button:has-text('Stop')").is_disabled()
             _no_traceback(page)
         except Exception:
             try:  # diagnostics for a failing run
