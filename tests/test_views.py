@@ -247,6 +247,13 @@ def test_dashboard_with_real_trainer(tmp_path):
     od = open_run(tmp_path)
     assert od.class_names == tr.class_names
     np.testing.assert_allclose(od.drift.history()["from_init"], h["from_init"])
+    (tmp_path / "views_state.npz").unlink()                       # no saved sample: computed from the checkpoint's model
+    od2 = open_run(tmp_path, n_images=2)
+    assert not od2.error.outputs, od2.error.outputs
+    assert od2.drift.history()["from_init"].shape == (1,) + tuple(tr.bank.protos.shape[:2])
+    y = od2.features.labels
+    assert len(y) > 0 and y.max() < tr.cfg.data.num_classes and od2.features.feats.shape[1] == tr.cfg.model.rep_dim
+    assert n_pts(od2.features.artists["high"]) + n_pts(od2.features.artists["low"]) == len(y)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
