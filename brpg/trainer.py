@@ -486,7 +486,9 @@ def _emit_sample(self: Trainer, lab_c, unl_c, it: int):
     c = torch.cat([p[2].float() for p in parts])
     hi = torch.cat([torch.full((len(p[1]),), p[3], dtype=torch.bool, device=f.device) for p in parts])
     lb = torch.cat([torch.full((len(p[1]),), p[4], dtype=torch.bool, device=f.device) for p in parts])
-    f, l, c, hi, lb = (t.cpu() for t in bsampling.random_subset(VIEW_SAMPLE_SIZE, f, l, c, hi, lb, keep_order=True))
+    # a private generator: observing the run must not shift the training RNG streams
+    g = torch.Generator().manual_seed(seed_for(self.cfg.trainer.seed, self.rank, it, 7))
+    f, l, c, hi, lb = (t.cpu() for t in bsampling.random_subset(VIEW_SAMPLE_SIZE, f, l, c, hi, lb, generator=g, keep_order=True))
     self._emit("on_features_sampled", {"feats": f, "labels": l, "conf": c, "is_high": hi, "is_labeled": lb,
                                        "iteration": it + 1, "epoch": self.epoch, "phase": self.phase(it)})
 

@@ -66,6 +66,25 @@ def test_resume_is_exact(tmp_path):
     assert its == list(range(1, 9))
 
 
+class Watcher:
+    "Callback that observes everything the views observe."
+    def __init__(self): self.samples, self.updates = 0, 0
+    def on_features_sampled(self, trainer, sample): self.samples += 1
+    def on_prototypes_updated(self, trainer, bank): self.updates += 1
+
+
+def test_observers_do_not_change_training(tmp_path, monkeypatch):
+    "Attaching view-style listeners (feature samples, prototype updates) leaves the run bit-identical."
+    import brpg.trainer
+    monkeypatch.setattr(brpg.trainer, "VIEW_SAMPLE_SIZE", 16)   # force the subsampling path on tiny data
+    cfg = tiny_demo_config("brpg", ["trainer.epochs=4"])
+    plain = Trainer(cfg, out_dir=tmp_path / "plain"); plain.fit()
+    w = Watcher()
+    watched = Trainer(cfg, callbacks=[w], out_dir=tmp_path / "watched"); watched.fit()
+    assert w.samples > 0 and w.updates > 0
+    _assert_same(_state(plain), _state(watched))
+
+
 def _tiny_run(tmp_path, name="run", method="supervised", extra=()):
     out = tmp_path / name
     Trainer(tiny_demo_config(method, ["trainer.max_iters=1", *extra]), out_dir=out).fit()
