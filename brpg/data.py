@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #6ee42fcd
 from __future__ import annotations
-import argparse, functools, hashlib, json, math, os, random, shutil, sys, tempfile
+import argparse, colorsys, functools, hashlib, json, math, os, random, shutil, sys, tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,14 +18,14 @@ from PIL import Image, ImageFilter, UnidentifiedImageError
 from .config import Config, DataConfig, ConfigError, load_config
 
 # %% auto #0
-__all__ = ['VOC_CLASSES', 'CITYSCAPES_CLASSES', 'COCO_CLASSES', 'DEMO_CLASSES', 'IMG_EXTS', 'DEMO_VERSION', 'voc_palette',
-           'colorize', 'normalize', 'denormalize', 'DatasetError', 'Sample', 'read_split', 'cityscapes_label_path',
-           'parse_line', 'read_samples', 'load_image', 'load_mask', 'check_mask', 'draw_scale', 'pad_crop',
-           'labeled_transform', 'color_jitter', 'gaussian_blur', 'unlabeled_transform', 'val_transform', 'SegDataset',
-           'LabeledDataset', 'UnlabeledDataset', 'ValDataset', 'default_cache_dir', 'make_demo_dataset', 'Catalog',
-           'dataset_root', 'dataset_catalog', 'validate_dataset', 'build_datasets', 'mix_seed', 'resample_indices',
-           'Resampled', 'SeededSampler', 'ShardSampler', 'seed_worker', 'pad_collate', 'build_loaders', 'cutmix_masks',
-           'apply_cutmix', 'training_pool', 'write_splits', 'splits_main']
+__all__ = ['VOC_CLASSES', 'CITYSCAPES_CLASSES', 'COCO_CLASSES', 'DEMO_CLASSES', 'IMG_EXTS', 'DEMO_VERSION', 'DEMO_HUE_JITTER',
+           'voc_palette', 'colorize', 'normalize', 'denormalize', 'DatasetError', 'Sample', 'read_split',
+           'cityscapes_label_path', 'parse_line', 'read_samples', 'load_image', 'load_mask', 'check_mask', 'draw_scale',
+           'pad_crop', 'labeled_transform', 'color_jitter', 'gaussian_blur', 'unlabeled_transform', 'val_transform',
+           'SegDataset', 'LabeledDataset', 'UnlabeledDataset', 'ValDataset', 'default_cache_dir', 'make_demo_dataset',
+           'Catalog', 'dataset_root', 'dataset_catalog', 'validate_dataset', 'build_datasets', 'mix_seed',
+           'resample_indices', 'Resampled', 'SeededSampler', 'ShardSampler', 'seed_worker', 'pad_collate',
+           'build_loaders', 'cutmix_masks', 'apply_cutmix', 'training_pool', 'write_splits', 'splits_main']
 
 # %% ../nbs/01_data.ipynb #4556928b
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -319,7 +319,8 @@ class ValDataset(SegDataset):
         return {"image": x, "mask": m, "id": self.samples[i].id}
 
 # %% ../nbs/01_data.ipynb #ac6a7123
-DEMO_VERSION = 2
+DEMO_VERSION = 3
+DEMO_HUE_JITTER = 0.035  # std of the per-digit hue around its class hue (classes are 0.1 apart)
 
 def default_cache_dir(cache_dir: str = "") -> Path:
     "`cache_dir`, or $BRPG_CACHE, or ~/.cache/brpg."
@@ -357,8 +358,11 @@ def _demo_image(rng: np.random.Generator, size: int, digits, targets, pool, phot
         ys, xs = slice(max(y0, 0), min(y0 + s, size)), slice(max(x0, 0), min(x0 + s, size))
         a = a[ys.start - y0: ys.stop - y0, xs.start - x0: xs.stop - x0]
         under = img[ys, xs][a >= 0.5].reshape(-1, 3).mean(0) if (a >= 0.5).any() else img[ys, xs].reshape(-1, 3).mean(0)
-        for _ in range(8):  # a colour that stands out from what it covers (else the digit is not even visible)
-            colour = rng.uniform(0, 255, 3).astype(np.float32)
+        # each digit class has its own hue (10 hues around the wheel, jittered so neighbours overlap): a cue a
+        # network picks up fast, while telling neighbouring hues apart still needs the digit's shape
+        hue = (targets[k] / 10 + rng.normal(0, DEMO_HUE_JITTER)) % 1.0
+        for _ in range(8):  # a saturation / value that stands out from what it covers
+            colour = 255 * np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.55, 1.0)), np.float32)
             if np.abs(colour - under).sum() > 150: break
         shade = 1 + rng.uniform(-0.25, 0.25) * np.linspace(-1, 1, a.shape[1], dtype=np.float32)[None, :, None]
         op = rng.uniform(0.85, 1.0) * a[..., None]
