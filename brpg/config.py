@@ -89,6 +89,7 @@ class MethodConfig:
     sup_only_epochs: int = F(1, "epochs of supervised-only warm-up (S)")
     ema_decay: float = F(0.99, "teacher EMA decay (ramped as min(1-1/(t+1), decay))")
     teacher_bn_train_forward: bool = F(True, "teacher train-mode forward on [labeled, strong] for entropy and BN stats (official)")
+    teacher_copy_bn: bool = F(False, "also copy the student's BN buffers into the teacher at the hand-over (official: False, the teacher keeps its stale statistics)")
     # CPG sampling (§4.2)
     sample_delay: int = F(1, "first epoch that pushes features into the queues (D)")
     sample_last: int = F(1, "number of sampling epochs (T); prototypes are initialised at epoch D+T")

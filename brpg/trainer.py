@@ -537,6 +537,8 @@ def _phase_changes(self: Trainer, it: int, epoch: int):
     m = self.cfg.method
     if self.teacher is not None and it == self.teacher_start:
         copy_params(self.teacher, self.student)
+        if m.teacher_copy_bn:   # fix behind an option: the official teacher keeps the BN statistics of its own
+            for tb, sb in zip(self.teacher.buffers(), self.student.buffers()): tb.copy_(sb)   # random-init decoder
     if self.bank is not None and not self._bank_ready and it >= self.proto_init_iter:
         if self.queues is None:
             raise TrainerError(f"cannot initialise prototypes at iteration {it}: no features were sampled "

@@ -225,3 +225,16 @@ def test_overwrite_keeps_old_checkpoint_until_the_new_run_saves(tmp_path, monkey
     with pytest.raises(RuntimeError, match="first iteration"):
         Trainer(tiny_demo_config("supervised"), out_dir=out, overwrite=True).fit()
     assert (out / "last.pt").read_bytes() == old_last and (out / "best.pt").read_bytes() == old_best
+
+
+@pytest.mark.parametrize("copy_bn", [False, True])
+def test_teacher_hand_over_bn_buffers(tmp_path, copy_bn):
+    "At the hand-over the teacher takes the student's parameters; its BN buffers only with method.teacher_copy_bn."
+    cfg = tiny_demo_config("mean_teacher", [f"method.teacher_copy_bn={str(copy_bn).lower()}"])
+    tr = Trainer(cfg, callbacks=[StopAt(2)], out_dir=tmp_path / "r")
+    tr.fit()
+    assert tr.teacher_start == 2
+    tr._phase_changes(tr.teacher_start, 1)
+    for a, b in zip(tr.teacher.parameters(), tr.student.parameters()): assert torch.equal(a, b)
+    same = [torch.equal(a, b) for a, b in zip(tr.teacher.buffers(), tr.student.buffers()) if a.is_floating_point()]
+    assert all(same) if copy_bn else not all(same)
