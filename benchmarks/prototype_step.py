@@ -24,15 +24,16 @@ Command lines (from the repository root, venv active):
     # quick smoke run
     python benchmarks/prototype_step.py --device cpu --scale voc --repeats 2 --skip-model --queue-len 2000
 
-Measured 2026-11-25 with the CPU command above (torch 2.14.1, 1 thread on a 2-core machine shared with other
-jobs at load ~6, so wall times are inflated; no GPU was available):
+Measured 2026-11-25 16:35 UTC with the CPU command above on an otherwise idle 2-core machine (torch 2.14.1,
+1 thread; no GPU was available), after the single-gather change to the sampling ops:
 
-    VOC  (86 prototypes):  prototype step 1.36 s (sampling fwd 0.34, L_pro fwd 0.05, EMA 0.06, backward 0.91);
-                           init (42 queues x 30000x256) 16.2 s; R101 step at crop 129: 36.4 s -> ratio 3.7%
-                           (0.24% with the model time scaled to 513 by pixel count)
-    COCO (332 prototypes): prototype step 1.58 s (sampling fwd 0.17, L_pro fwd 0.19, EMA 0.19, backward 1.04);
-                           init (162 queues x 30000x256) 86.3 s; R101 step at crop 129: 34.3 s -> ratio 4.6%
-                           (0.29% scaled to 513)
+    VOC  (86 prototypes):  prototype step 347 ms (sampling fwd 52, L_pro fwd 14, EMA 19, backward 261);
+                           init (42 queues x 30000x256) 7.3 s; R101 step at crop 129: 12.5 s -> ratio 2.78%
+                           (0.18% with the model time scaled to 513 by pixel count)
+    COCO (332 prototypes): prototype step 386 ms (sampling fwd 54, L_pro fwd 57, EMA 59, backward 216);
+                           init (162 queues x 30000x256) 24.7 s; R101 step at crop 129: 11.4 s -> ratio 3.38%
+                           (0.21% scaled to 513)
+    (An earlier run on the loaded machine, before the single-gather change: VOC step 1.36 s, COCO 1.58 s.)
 
 On CPU the backward is dominated by the zero-filled full-size gradient buffers that the sampling ops'
 index/slice backward allocates for the [8, 256, 129, 129] rep map (memory bound; cheap on a GPU).
