@@ -100,23 +100,25 @@ def _proto_term(bank: PrototypeBank, feats: torch.Tensor, labels: torch.Tensor, 
     inr = (labels >= 0) & (labels < C) & (labels != ignore_index)
     safe = torch.where(inr, labels, torch.zeros_like(labels))
     keep = inr & bank.class_valid[safe]
-    logits = bank.logits(feats, temperature).float()
+    sims = bank.similarities(feats)                       # [N,C,S]; returned so the EMA need not recompute it
+    logits = (sims.max(dim=-1).values / temperature).float()   # = bank.logits(feats, temperature)
     logp = F.log_softmax(logits, dim=1)
     nll = -logp.gather(1, safe[:, None]).squeeze(1)
     loss = _masked_mean(nll, keep)
     with torch.no_grad():
         n = keep.sum()
         correct = ((logits.argmax(1) == safe) & keep).sum()
-    return loss, n, correct
+    return loss, n, correct, sims.detach()
 
 def prototype_loss(bank: PrototypeBank, feats_l: torch.Tensor, labels_l: torch.Tensor, feats_u: torch.Tensor,
                    labels_u: torch.Tensor, temperature: float = 0.1, ignore_index: int = 255):
     "L_pro = mean CE over labeled pixels + mean CE over unlabeled pixels of the max-cosine logits; returns (loss, stats)."
-    loss_l, n_l, c_l = _proto_term(bank, feats_l, labels_l, temperature, ignore_index)
-    loss_u, n_u, c_u = _proto_term(bank, feats_u, labels_u, temperature, ignore_index)
+    loss_l, n_l, c_l, s_l = _proto_term(bank, feats_l, labels_l, temperature, ignore_index)
+    loss_u, n_u, c_u, s_u = _proto_term(bank, feats_u, labels_u, temperature, ignore_index)
     n = (n_l + n_u).clamp_min(1)
     stats = {"loss_pro_l": loss_l.detach(), "loss_pro_u": loss_u.detach(),
              "n_labeled": n_l, "n_unlabeled": n_u,
              "proto_acc_l": c_l / n_l.clamp_min(1), "proto_acc_u": c_u / n_u.clamp_min(1),
-             "proto_acc": (c_l + c_u) / n}
+             "proto_acc": (c_l + c_u) / n,
+             "sims": torch.cat([s_l, s_u])}   # detached [N_l+N_u, C, S]: pass to `bank.ema_update(sims=...)`
     return loss_l + loss_u, stats

@@ -455,9 +455,10 @@ def _step(self: Trainer, batch: dict, it: int, epoch: int) -> torch.Tensor:
         thr = bsampling.loss_threshold(it, self.iters_per_epoch, cfg.trainer.epochs, m.pseudo_threshold,
                                        m.threshold_ramp_end, m.threshold_ramp_anchor_epoch)
         f_u, l_u = bsampling.unlabeled_pick(rep[B_l:], conf_u, yhat_u, thr, B_u * m.unsup_sample_num, ignore_index=ign)
-        loss_proto, _ = blosses.prototype_loss(self.bank, f_l.float(), l_l, f_u.float(), l_u, m.temperature, ign)
+        loss_proto, st = blosses.prototype_loss(self.bank, f_l.float(), l_l, f_u.float(), l_u, m.temperature, ign)
         self.bank.ema_update(torch.cat([f_l, f_u]).float(), torch.cat([l_l, l_u]), decay=m.prototype_ema_decay,
-                             sync=m.sync_prototypes, fault_weight=m.fault_weight, ignore_index=ign)
+                             sync=m.sync_prototypes, fault_weight=m.fault_weight, ignore_index=ign,
+                             sims=st["sims"])   # the loss's similarities: one matmul per step, not two
         w = m.proto_loss_weight / (self.world_size if m.proto_loss_divide_by_world_size else 1)
         loss = loss + w * loss_proto
     else:
