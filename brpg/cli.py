@@ -58,14 +58,10 @@ def resolve_checkpoint(path) -> Path:
     return p
 
 def load_checkpoint(path) -> dict:
-    "`torch.load` a checkpoint on the CPU; unreadable files raise `CLIError` naming the file."
+    "`torch.load(weights_only=True)` a checkpoint on the CPU; unreadable files raise `CLIError` naming the file."
     import torch
     p = resolve_checkpoint(path)
-    try:
-        try: ck = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:
-            if "weights_only" not in str(e) and "Unsupported global" not in str(e): raise
-            ck = torch.load(p, map_location="cpu", weights_only=False)  # our own trainer's pickles
+    try: ck = torch.load(p, map_location="cpu", weights_only=True)   # trainer checkpoints hold tensors and plain containers only
     except Exception as e:
         raise CLIError(f"checkpoint '{p}' is not a readable torch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(ck, dict): raise CLIError(f"checkpoint '{p}' holds a {type(ck).__name__}, expected a dict")
