@@ -892,8 +892,7 @@ def read_metrics(path) -> tuple[list, list]:
 def _load_ckpt(path):
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try: return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception: return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)   # checkpoints hold tensors and plain containers only
 
 def _static_history(snap: BankSnapshot, iteration: int) -> dict:
     p, init = snap.protos, snap.init_protos if snap.init_protos is not None else snap.protos
