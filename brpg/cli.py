@@ -8,16 +8,12 @@ import argparse, dataclasses, json, math, os, sys, time
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['PROG', 'METHODS', 'METHOD_LABELS', 'IMAGE_EXTS', 'CLIError', 'resolve_checkpoint', 'load_checkpoint',
-           'config_for_checkpoint', 'model_from_checkpoint', 'cmd_train', 'format_metrics', 'evaluate_checkpoint',
-           'cmd_eval', 'collect_images', 'predict_images', 'cmd_predict', 'cmd_splits', 'cmd_config', 'demo_configs',
-           'summarize_runs', 'results_table', 'plot_learning_curves', 'plot_predictions', 'run_demo', 'cmd_demo',
-           'build_parser', 'main']
+__all__ = ['PROG', 'IMAGE_EXTS', 'CLIError', 'resolve_checkpoint', 'load_checkpoint', 'config_for_checkpoint',
+           'model_from_checkpoint', 'cmd_train', 'format_metrics', 'evaluate_checkpoint', 'cmd_eval', 'collect_images',
+           'predict_images', 'cmd_predict', 'cmd_splits', 'cmd_config', 'cmd_demo', 'build_parser', 'main']
 
 # %% ../nbs/10_cli.ipynb #34c737b8
 PROG = "brpg"
-METHODS = ("supervised", "mean_teacher", "brpg")
-METHOD_LABELS = {"supervised": "supervised only", "mean_teacher": "mean teacher", "brpg": "BRPG"}
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 class CLIError(Exception):
@@ -31,7 +27,7 @@ def _user_errors():
     "Exception types that are the user's fault (bad config, file, checkpoint): reported in one line."
     from brpg.config import ConfigError
     # DatasetError / TrainerError can only come from an already imported module: don't import it here
-    extra = tuple(getattr(sys.modules.get(m), n) for m, n in (("brpg.data", "DatasetError"), ("brpg.trainer", "TrainerError"))
+    extra = tuple(getattr(sys.modules.get(m), n) for m, n in (("brpg.data", "DatasetError"), ("brpg.trainer", "TrainerError"), ("brpg.study", "StudyError"))
                   if hasattr(sys.modules.get(m), n))
     return (CLIError, ConfigError, *extra, FileNotFoundError, FileExistsError, NotADirectoryError,
             IsADirectoryError, PermissionError)
@@ -237,184 +233,11 @@ def cmd_config(a) -> int:
     return 0
 
 # %% ../nbs/10_cli.ipynb #43b58bd9
-class _Recorder:
-    "Callback keeping the validation curve of a run."
-    def __init__(self): self.curve = []
-    def on_validation_end(self, trainer, metrics):
-        self.curve.append({"iteration": int(trainer.iteration), "epoch": int(trainer.epoch),
-                           "miou": float(metrics["miou"]), "boundary_iou": float(metrics.get("boundary_iou", float("nan")))})
-
-def _inference_model(trainer):
-    "The network the trainer validates with (teacher after the sup-only phase, as §9.3)."
-    f = getattr(trainer, "eval_model", None)
-    m = f() if callable(f) and not hasattr(f, "forward") else f
-    if m is None: m = trainer.teacher if getattr(trainer, "teacher", None) is not None else trainer.student
-    return m
-
-def demo_configs(config="demo", overrides=(), iters=None, seed=None, method="brpg", out_dir=None):
-    "The config of one demo run."
-    from brpg.config import load_config
-    base = load_config(config, list(overrides))
-    ov = list(overrides) + [f"method.name={method}"]
-    if seed is not None: ov.append(f"trainer.seed={seed}")
-    if iters:
-        ov += [f"trainer.iters_per_epoch={max(1, math.ceil(iters / base.trainer.epochs))}", f"trainer.max_iters={iters}"]
-    if out_dir is not None: ov.append(f"trainer.out_dir={out_dir}")
-    return load_config(config, ov)
-
-def _cpu_seconds():
-    "CPU seconds of this process (all threads) plus its finished child processes (DataLoader workers)."
-    import resource
-    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + ch.ru_utime + ch.ru_stime
-
-def _mean_std(xs):
-    import statistics
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    if not xs: return float("nan"), float("nan")
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-def summarize_runs(runs: list[dict]) -> dict:
-    "Per-method mean ± std (over seeds) of best/last mIoU, boundary IoU and wall time."
-    out = {}
-    for m in dict.fromkeys(r["method"] for r in runs):
-        rs = [r for r in runs if r["method"] == m]
-        s = {"n_seeds": len(rs), "seeds": [r["seed"] for r in rs]}
-        for k in ("best_miou", "last_miou", "best_boundary_iou", "last_boundary_iou", "wall_s", "cpu_s"):
-            s[k + "_mean"], s[k + "_std"] = _mean_std([r.get(k) for r in rs])
-        out[m] = s
-    return out
-
-def results_table(summary: dict) -> str:
-    "Markdown table of a summary (percent, mean ± std when several seeds)."
-    def f(s, k, scale=100, nd=2):
-        mu, sd = s[k + "_mean"], s[k + "_std"]
-        return f"{scale*mu:.{nd}f}" + (f" ± {scale*sd:.{nd}f}" if s["n_seeds"] > 1 else "")
-    rows = ["| method | seeds | best mIoU | last mIoU | boundary IoU (last) | boundary IoU (best) | wall time (s) | CPU time (s) |",
-            "|---|---|---|---|---|---|---|---|"]
-    for m, s in summary.items():
-        cpu = f(s, 'cpu_s', 1, 0) if not math.isnan(s['cpu_s_mean']) else "n/a"
-        rows.append(f"| {METHOD_LABELS.get(m, m)} | {s['n_seeds']} | {f(s, 'best_miou')} | {f(s, 'last_miou')} | "
-                    f"{f(s, 'last_boundary_iou')} | {f(s, 'best_boundary_iou')} | {f(s, 'wall_s', 1, 0)} | {cpu} |")
-    return "\n".join(rows)
-
-# %% ../nbs/10_cli.ipynb #47030551
-def _example_predictions(model, items, cfg, device):
-    "Predicted label maps (uint8 numpy) of a few val items."
-    import torch
-    from brpg.metrics import infer
-    stride = cfg.eval.stride or math.ceil(cfg.eval.crop_size * 2 / 3)
-    was_training = model.training; model.eval()
-    preds = []
-    with torch.no_grad():
-        for it in items:
-            x = it["image"][None].to(device)
-            lg = infer(model, x, cfg.data.num_classes, mode=cfg.eval.mode, crop_size=cfg.eval.crop_size, stride=stride,
-                       flip=cfg.eval.flip, scales=tuple(cfg.eval.scales))
-            preds.append(lg.argmax(1)[0].to(torch.uint8).cpu().numpy())
-    model.train(was_training)
-    return preds
-
-def plot_learning_curves(runs, path):
-    "Val mIoU against iteration, one colour per method (one thin line per seed, thick mean)."
-    import matplotlib; import matplotlib.pyplot as plt, numpy as np
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for i, m in enumerate(dict.fromkeys(r["method"] for r in runs)):
-        rs = [r for r in runs if r["method"] == m and r["curve"]]
-        col = f"C{i}"
-        for r in rs: ax.plot([c["iteration"] for c in r["curve"]], [100 * c["miou"] for c in r["curve"]], color=col, alpha=.3, lw=.8)
-        n = min(len(r["curve"]) for r in rs) if rs else 0
-        if n:
-            its = [c["iteration"] for c in rs[0]["curve"][:n]]
-            mu = np.mean([[100 * c["miou"] for c in r["curve"][:n]] for r in rs], 0)
-            ax.plot(its, mu, color=col, lw=2, label=f"{METHOD_LABELS.get(m, m)} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
-    ax.set_xlabel("iteration"); ax.set_ylabel("val mIoU (%)"); ax.grid(alpha=.3); ax.legend()
-    ax.set_title("Demo dataset: validation mIoU during training")
-    fig.tight_layout(); fig.savefig(path, dpi=120); plt.close(fig)
-
-def plot_predictions(images, gts, preds: dict, num_classes, path):
-    "Grid: one row per image; columns image, ground truth, then each method's prediction."
-    import matplotlib.pyplot as plt
-    cols = ["image", "ground truth"] + [METHOD_LABELS.get(m, m) for m in preds]
-    fig, axs = plt.subplots(len(images), len(cols), figsize=(2 * len(cols), 2 * len(images)), squeeze=False)
-    for r in range(len(images)):
-        panels = [images[r], _colorize(gts[r], num_classes)] + [_colorize(p[r], num_classes) for p in preds.values()]
-        for c, im in enumerate(panels):
-            axs[r, c].imshow(im); axs[r, c].set_xticks([]); axs[r, c].set_yticks([])
-            if r == 0: axs[r, c].set_title(cols[c], fontsize=9)
-    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
-
-# %% ../nbs/10_cli.ipynb #e376f88a
-def run_demo(out="runs/demo", iters=None, seeds=None, methods=METHODS, config="demo", overrides=(),
-             n_examples=4, reuse=False, log=print) -> dict:
-    "The main job: train `methods` x `seeds` on the demo data, write results.json/.md and plots into `out`."
-    import torch
-    from brpg.config import save_config
-    from brpg.data import build_datasets, denormalize
-    from brpg.trainer import Trainer
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    for m in methods:
-        if m not in METHODS: raise CLIError(f"unknown method '{m}' (choose from {', '.join(METHODS)})")
-    cfg0 = demo_configs(config, overrides, iters)
-    seeds = list(seeds) if seeds else [cfg0.trainer.seed]
-    ds = build_datasets(cfg0)
-    items = [ds["val"][i] for i in range(min(n_examples, len(ds["val"])))]
-    images = [denormalize(it["image"], cfg0.data.mean, cfg0.data.std).permute(1, 2, 0).clamp(0, 1).numpy() for it in items]
-    gts = [it["mask"].numpy() for it in items]
-    runs, preds, t_all = [], {}, time.time()
-    for seed in seeds:
-        for m in methods:
-            run_dir = out / f"seed{seed}" / m
-            rec_path = run_dir / "run.json"
-            if reuse and rec_path.is_file():
-                rec = json.loads(rec_path.read_text()); runs.append(rec)
-                log(f"[{m} seed {seed}] reused {rec_path}: best mIoU {100*rec['best_miou']:.2f}")
-                continue
-            cfg = demo_configs(config, overrides, iters, seed, m, str(run_dir))
-            rec = _Recorder()
-            t0, c0 = time.time(), _cpu_seconds()
-            tr = Trainer(cfg, callbacks=[rec], out_dir=run_dir, overwrite=True)
-            log(f"[{m} seed {seed}] training {run_dir} ...")
-            summ = tr.fit()
-            if summ.get("stopped"):  # Ctrl-C / SIGTERM reached the trainer: end the whole job, not just this run
-                log(f"[{m} seed {seed}] stopped ({summ.get('stop_reason')}); demo aborted, finished runs kept for --reuse")
-                raise KeyboardInterrupt
-            wall, cpu = time.time() - t0, _cpu_seconds() - c0
-            if not rec.curve: raise RuntimeError(f"run {run_dir} finished without a validation")
-            best = max(rec.curve, key=lambda c: c["miou"]); last = rec.curve[-1]
-            r = {"method": m, "seed": seed, "iterations": int(tr.iteration), "wall_s": wall, "cpu_s": cpu,
-                 "best_miou": best["miou"], "best_iteration": best["iteration"], "best_boundary_iou": best["boundary_iou"],
-                 "last_miou": last["miou"], "last_boundary_iou": last["boundary_iou"], "curve": rec.curve,
-                 "device": str(next(tr.student.parameters()).device), "run_dir": str(run_dir)}
-            if seed == seeds[0]:
-                p = _example_predictions(_inference_model(tr), items, cfg, next(tr.student.parameters()).device)
-                r["example_predictions"] = [x.tolist() for x in p]
-            rec_path.write_text(json.dumps(r))
-            runs.append(r)
-            log(f"[{m} seed {seed}] {r['iterations']} it in {wall:.0f} s: best mIoU {100*r['best_miou']:.2f}, "
-                f"last {100*r['last_miou']:.2f}, boundary IoU {100*r['last_boundary_iou']:.2f}")
-            del tr
-    import numpy as np
-    for r in runs:
-        if r["seed"] == seeds[0] and "example_predictions" in r:
-            preds[r["method"]] = [np.asarray(x, np.uint8) for x in r["example_predictions"]]
-    summary = summarize_runs(runs)
-    table = results_table(summary)
-    res = {"config": config, "overrides": list(overrides), "iters": iters, "seeds": seeds, "methods": list(methods),
-           "total_wall_s": time.time() - t_all, "torch_threads": torch.get_num_threads(),
-           "summary": summary, "runs": [{k: v for k, v in r.items() if k != "example_predictions"} for r in runs]}
-    save_config(cfg0, out / "config.yaml")
-    (out / "results.json").write_text(json.dumps(res, indent=2))
-    (out / "results.md").write_text(f"# brpg demo results\n\nconfig `{config}`, overrides {list(overrides)}, "
-                                    f"iterations {runs[0]['iterations'] if runs else '-'}, seeds {seeds}\n\n{table}\n")
-    plot_learning_curves(runs, out / "learning_curves.png")
-    if preds: plot_predictions(images, gts, preds, cfg0.data.num_classes, out / "predictions.png")
-    log(table); log(f"wrote {out}/results.json, results.md, learning_curves.png, predictions.png")
-    return res
-
 def cmd_demo(a) -> int:
-    run_demo(a.out, a.iters, a.seeds, a.methods, a.config, a.set or (), reuse=a.reuse)
+    from brpg.study import run_study
+    run_study(a.out, a.config, tuple(a.methods), a.seeds, a.iters, a.set or (), reuse=a.reuse)
     return 0
+
 
 # %% ../nbs/10_cli.ipynb #e6fc6221
 def _add_config_args(p, required=False, default=None):
@@ -458,15 +281,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(c)
     c.add_argument("--keys", action="store_true", help="list every key as `section.key = value  # help`")
     c.set_defaults(func=cmd_config)
-    d = sub.add_parser("demo", help="main job: supervised vs mean teacher vs BRPG on the demo dataset",
-                       description="Train supervised-only, mean teacher and BRPG on the embedded demo dataset; "
+    from brpg.study import VARIANTS, MAIN
+    d = sub.add_parser("demo", help="main job: supervised vs mean teacher vs BRPG on real brain MRI slices",
+                       description="Train supervised-only, mean teacher and BRPG (same config but the method) on the brain MRI "
+                                   "data (or --config demo for the digits); choose the checkpoint on val, score it on test; "
                                    "write results.json, results.md, learning_curves.png and predictions.png.")
     d.add_argument("--out", "-o", default="runs/demo", help="output folder (default: runs/demo)")
     d.add_argument("--iters", type=int, help="training iterations per run (default: the config's schedule)")
     d.add_argument("--seeds", type=int, nargs="+", help="seeds (default: trainer.seed of the config)")
-    d.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to train (default: all three)")
+    d.add_argument("--methods", nargs="+", default=list(MAIN), choices=list(VARIANTS),
+                   help="methods / ablations to train (default: the three main methods)")
     d.add_argument("--reuse", action="store_true", help="reuse runs already finished in --out (run.json present)")
-    _add_config_args(d, default="demo")
+    _add_config_args(d, default="brain")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -27,7 +27,7 @@ def F(default, help: str, choices=None):
 @dataclass
 class DataConfig:
     "Dataset, splits and the augmentation pipelines of brpg-method.md §2."
-    dataset: str = F("demo", "dataset format", choices=("demo", "voc", "cityscapes", "coco", "folder"))
+    dataset: str = F("demo", "dataset format", choices=("demo", "brain", "voc", "cityscapes", "coco", "folder"))
     root: str = F("", "dataset root folder (JPEGImages/..., leftImg8bit/..., images/...); unused for demo")
     split_dir: str = F("", "folder holding labeled.txt / unlabeled.txt (and optionally val.txt); '' = <root>/splits")
     val_split: str = F("", "validation split file; '' = the dataset's standard val list")
@@ -54,6 +54,8 @@ class DataConfig:
     demo_num_labeled: int = F(20, "demo dataset: number of labeled training images")
     demo_num_val: int = F(80, "demo dataset: number of validation images")
     demo_seed: int = F(0, "demo dataset: generation seed")
+    brain_num_labeled: int = F(6, "brain dataset: number of labeled axial slices")
+    brain_image_size: int = F(96, "brain dataset: side of the square slice canvas (2 mm pixels)")
     cache_dir: str = F("", "where generated data is cached; '' = ~/.cache/brpg")
     validate: bool = F(False, "check every listed file of the dataset up front and report all problems at once")
 
@@ -96,6 +98,7 @@ class MethodConfig:
     sample_pixel_num: int = F(5000, "per-image cap of candidates pushed per iteration")
     high_threshold: float = F(0.8, "labeled pixel confidence >= this -> high queue, else low")
     low_threshold: float = F(0.0, "labeled pixel confidence must exceed this to enter the low queue")
+    confidence_split: bool = F(True, "CPG: queue high- and low-confidence pixels apart (False = the paper's ablation: each candidate goes to a random queue)")
     pseudo_threshold: float = F(0.8, "unlabeled teacher confidence >= this -> high queue; start of the loss threshold ramp")
     queue_len: int = F(30000, "capacity of each per-class high / low ring buffer")
     # prototypes (§4.4, §4.5)

@@ -445,11 +445,14 @@ def _class_names(cfg: Config, layout_name: str, root: Path, problems: list) -> l
     return names
 
 def dataset_root(cfg: Config) -> Path:
-    "The dataset root; generates the demo dataset when `cfg.data.dataset == 'demo'`."
+    "The dataset root; generates the demo or brain dataset when `cfg.data.dataset` names one."
     d = cfg.data
     if d.dataset == "demo":
         return make_demo_dataset(default_cache_dir(d.cache_dir), d.demo_num_images, d.demo_image_size, d.demo_seed,
                                  d.demo_num_val, d.demo_num_labeled)
+    if d.dataset == "brain":
+        from brpg.brain import make_brain_dataset
+        return make_brain_dataset(default_cache_dir(d.cache_dir), d.brain_num_labeled, d.brain_image_size)
     if not d.root: raise DatasetError(f"config key data.root is empty; dataset '{d.dataset}' needs its root folder")
     root = Path(d.root).expanduser()
     if not root.is_dir(): raise DatasetError(f"config key data.root: folder '{root}' not found (dataset '{d.dataset}')")
@@ -494,7 +497,7 @@ def dataset_catalog(cfg: Config) -> Catalog:
     "Resolve root, split files and class names of `cfg.data`; structural problems go to `.problems`."
     d = cfg.data
     root = dataset_root(cfg)
-    layout = "folder" if d.dataset in ("demo", "folder") else d.dataset
+    layout = "folder" if d.dataset in ("demo", "brain", "folder") else d.dataset
     split_dir = _split_dir(cfg, root)
     problems: list = []
     class_names = _class_names(cfg, layout if d.dataset != "demo" else "demo", root, problems)
@@ -670,7 +673,7 @@ def training_pool(cfg: Config) -> tuple[list[str], list[bool]]:
     "Split lines of every training image of `cfg.data`'s dataset, and whether each has a mask (can be labeled)."
     d = cfg.data
     root = dataset_root(cfg)
-    layout = "folder" if d.dataset in ("demo", "folder") else d.dataset
+    layout = "folder" if d.dataset in ("demo", "brain", "folder") else d.dataset
     vp = _val_path(cfg, layout, root, _split_dir(cfg, root))
     vids = {parse_line(layout, root, f, False, "").id for _, f in read_split(vp)} if vp is not None and vp.is_file() else set()
     if layout == "voc":
@@ -693,7 +696,7 @@ def write_splits(source, n_labeled: int, seed: int = 0, out_dir=None) -> tuple[P
         lines, can = training_pool(source)
         if out_dir is None:
             d = source.data
-            if d.dataset == "demo" and not d.split_dir:
+            if d.dataset in ("demo", "brain") and not d.split_dir:
                 raise DatasetError("write_splits: give an output folder for the demo dataset (its cached splits are left as generated)")
             out_dir = _split_dir(source, dataset_root(source))
         what = f"dataset '{source.data.dataset}'"

@@ -247,6 +247,7 @@ class Trainer:
         try: student = bmodels.create_segmenter(cfg.model, cfg.data.num_classes)
         except (ValueError, RuntimeError, OSError) as e:
             raise TrainerError(f"model: {str(e).splitlines()[0]}") from None
+        self.encoder_init = bmodels.encoder_init_record(cfg.model, student.backbone.load_report)  # stored in checkpoints and the run dir
         teacher = None
         if self.method != "supervised":
             teacher = copy.deepcopy(student)
@@ -293,7 +294,7 @@ class Trainer:
                 "bank": self.bank.state_dict() if self.bank is not None else None,
                 "queues": ({k: q.state_dict() for k, q in self.queues.items()} if self.queues is not None else None),
                 "rng": get_rng_state(), "best_miou": self.best_miou, "best_iteration": self.best_iteration,
-                "final_miou": self.final_miou, "history": self.history}
+                "final_miou": self.final_miou, "history": self.history, "meta": {"encoder_init": self.encoder_init}}
 
     def _load_state(self, ck: dict):
         path = self.out_dir / "last.pt"
@@ -473,6 +474,11 @@ def _push(self: Trainer, lab_c, unl_c, batch_size: int):
     m = self.cfg.method
     if self.queues is None: self.queues = self._new_queues()
     hf, hl, hc, lf, ll, lc = bsampling.queue_candidates(lab_c, unl_c, batch_size, m.sample_pixel_num)
+    if not m.confidence_split:  # ablation: same queue sizes, but membership drawn at random instead of by confidence
+        f, l, c, nh = torch.cat([hf, lf]), torch.cat([hl, ll]), torch.cat([hc, lc]), len(hl)
+        g = torch.Generator(device=f.device).manual_seed(seed_for(self.cfg.trainer.seed, self.rank, self.iteration, 11))
+        p = torch.randperm(len(l), generator=g, device=f.device)
+        hf, hl, hc, lf, ll, lc = f[p[:nh]], l[p[:nh]], c[p[:nh]], f[p[nh:]], l[p[nh:]], c[p[nh:]]
     for key, f, l, c in (("high", hf, hl, hc), ("low", lf, ll, lc)):
         f, l, c = bsampling.all_gather_rows(f.float(), l, c.float())   # every rank holds identical queues
         self.queues[key].push(f, l, c)
@@ -677,7 +683,9 @@ def _prepare_out_dir(self: Trainer):
             if (d / n).exists(): (d / n).unlink()
         if (d / "tb").is_dir(): shutil.rmtree(d / "tb")
         self._replace_ckpts = True
-    save_config(self.cfg, d / "config.yaml")
+    save_config(self.cfg, d / "config.yaml")  # + how the encoder was initialised (config.yaml may say pretrained: false)
+    (d / "config.yaml").write_text(f"# {self.encoder_init['summary']}\n" + (d / "config.yaml").read_text())
+    (d / "weights.json").write_text(json.dumps(self.encoder_init, indent=1) + "\n")
     # rewrite metrics.jsonl from the checkpoint's history: records after the checkpoint are dropped
     self._jsonl = open(d / "metrics.jsonl", "w")
     for h in self.history: self._jsonl.write(json.dumps(h) + "\n")
