@@ -4,15 +4,15 @@
 
 # %% ../nbs/00_config.ipynb #b30e6db7
 from __future__ import annotations
-import dataclasses, difflib, typing
+import dataclasses, difflib, math, typing, warnings
 from dataclasses import dataclass, field, fields, is_dataclass, asdict
 from pathlib import Path
 import yaml
 
 # %% auto #0
 __all__ = ['CONFIG_DIR', 'F', 'DataConfig', 'ModelConfig', 'MethodConfig', 'TrainerConfig', 'EvalConfig', 'Config', 'ConfigError',
-           'validate_config', 'config_from_dict', 'apply_overrides', 'resolve_config_path', 'load_config',
-           'save_config', 'describe_config']
+           'validate_config', 'derive_grid_num', 'grid_num_for', 'check_crop_keys', 'config_from_dict',
+           'apply_overrides', 'resolve_config_path', 'load_config', 'save_config', 'describe_config']
 
 # %% ../nbs/00_config.ipynb #b33eff2f
 def F(default, help: str, choices=None):
@@ -31,7 +31,7 @@ class DataConfig:
     root: str = F("", "dataset root folder (JPEGImages/..., leftImg8bit/..., images/...); unused for demo")
     split_dir: str = F("", "folder holding labeled.txt / unlabeled.txt (and optionally val.txt); '' = <root>/splits")
     val_split: str = F("", "validation split file; '' = the dataset's standard val list")
-    num_classes: int = F(11, "number of classes C (VOC 21, Cityscapes 19, COCO 81, demo 11)")
+    num_classes: int = F(11, "number of classes C (VOC 21, Cityscapes 19, COCO 81, demo 11); 0 = auto: the dataset's class list, or <root>/classes.txt for the folder format")
     ignore_index: int = F(255, "label value ignored by every loss and metric")
     crop_size: int = F(513, "square training crop (VOC/COCO 513, Cityscapes 769)")
     scale_range: list = F([0.5, 2.0], "random resize range of the training pipelines")
@@ -64,10 +64,11 @@ class DataConfig:
 class ModelConfig:
     "Segmenter architecture (brpg-method.md §3)."
     arch: str = F("deeplabv3plus", "decoder type", choices=("deeplabv3plus", "segformer"))
-    backbone: str = F("resnet101", "timm backbone name (features_only); COCO officially uses Xception-65")
-    pretrained: bool = F(True, "load ImageNet weights through timm (needs the hub or its cache)")
-    pretrained_path: str = F("", "local backbone checkpoint (.pth/.safetensors) used instead of the hub")
+    backbone: str = F("resnet101", "timm backbone name (features_only), or resnet50_deep / resnet101_deep (U2PL's 64-64-128 deep stem); COCO officially uses Xception-65")
+    pretrained: bool = F(True, "ImageNet weights from timm's hub or its local cache; ignored when pretrained_path is set (see weights.json of a run)")
+    pretrained_path: str = F("", "local weights file (.pth/.safetensors) used instead of the hub: timm, torchvision MobileNetV2/ResNet, lukemelas EfficientNet or U2PL resnet101.pth layout (auto-detected)")
     output_stride: int = F(8, "encoder output stride for dilated backbones", choices=(8, 16, 32))
+    multi_grid: list = F([], "DeepLabv3 multi-grid: dilation multiplier per layer4 block of a ResNet, e.g. [2,2,4] = U2PL (4,8,16 at output stride 8); [] = timm's plain dilation")
     aspp_dilations: list = F([12, 24, 36], "ASPP dilation rates")
     decoder_channels: int = F(256, "channels of ASPP / low-level / classifier trunk")
     rep_dim: int = F(256, "channels of the representation head output (prototype feature dimension)")
@@ -119,7 +120,7 @@ class MethodConfig:
     sync_prototypes: bool = F(True, "all-reduce the EMA sums across DDP ranks (official: False, ranks drift)")
     # prototype loss L_pro (§5)
     temperature: float = F(0.1, "tau of the cosine logits")
-    grid_num: int = F(32, "labeled grid: (grid_num+1)^2 pixels per image")
+    grid_num: int = F(32, "labeled grid: (grid_num+1)^2 pixels per image; (data.crop_size-1)/grid_num must be a multiple of 4; 0 = derive from the crop (32 at 513)")
     unsup_sample_num: int = F(1000, "at most B*this confident unlabeled pixels per batch in L_pro")
     threshold_ramp_end: float = F(0.95, "loss threshold for unlabeled pixels at the end of training")
     threshold_ramp_anchor_epoch: int = F(5, "epoch at which the ramp equals pseudo_threshold (hard-coded 5 officially)")
@@ -180,7 +181,7 @@ class ConfigError(ValueError):
     "A configuration problem; the message names the key and the value at fault."
 
 _RANGES = {  # key: (lo, hi) inclusive; None = unbounded
-    "data.num_classes": (1, None), "data.crop_size": (1, None), "data.flip_prob": (0, 1),
+    "data.num_classes": (0, None), "data.crop_size": (1, None), "data.flip_prob": (0, 1),
     "data.cutmix_prob": (0, 1), "data.color_jitter_prob": (0, 1), "data.grayscale_prob": (0, 1),
     "data.blur_prob": (0, 1), "data.batch_size_labeled": (1, None), "data.batch_size_unlabeled": (1, None),
     "data.num_workers": (0, None), "data.val_crop_size": (0, None),
@@ -190,7 +191,7 @@ _RANGES = {  # key: (lo, hi) inclusive; None = unbounded
     "method.queue_len": (1, None), "method.high_prototype_num": (1, None), "method.low_prototype_num": (1, None),
     "method.add_num": (0, None), "method.add_proportion": (0, 1), "method.kmeans_restarts": (1, None),
     "method.kmeans_iters": (1, None), "method.prototype_ema_decay": (0, 1), "method.temperature": (1e-6, None),
-    "method.grid_num": (1, None), "method.unsup_sample_num": (0, None), "method.threshold_ramp_end": (0, 1),
+    "method.grid_num": (0, None), "method.unsup_sample_num": (0, None), "method.threshold_ramp_end": (0, 1),
     "method.sup_only_epochs": (0, None), "method.sample_delay": (0, None), "method.sample_last": (1, None),
     "method.recluster_every": (0, None), "method.proto_loss_weight": (0, None),
     "trainer.epochs": (1, None), "trainer.lr": (0, None), "trainer.grad_accum": (1, None),
@@ -229,6 +230,38 @@ def validate_config(cfg: Config):
     if d.ignore_index < d.num_classes: raise ConfigError(f"config key 'data.ignore_index': {d.ignore_index} collides with a class id (< data.num_classes={d.num_classes})")
     return cfg
 
+def derive_grid_num(crop_size: int, max_side: int = 33) -> int:
+    "`method.grid_num: 0`: the grid whose step (crop-1)/grid_num is the smallest multiple of 4 giving <= max_side^2 points."
+    n = crop_size - 1
+    if n < 4 or n % 4:
+        raise ConfigError(f"config keys 'data.crop_size' = {crop_size} and 'method.grid_num' = 0 (derive): the labeled grid needs "
+                          f"crop_size = 4k+1 to land on stride-4 features; use e.g. data.crop_size={max(5, 4 * round(n / 4) + 1)}")
+    return next(n // s for s in range(4, n + 1, 4) if n % s == 0 and n // s + 1 <= max_side)
+
+def grid_num_for(cfg: Config) -> int:
+    "The labeled grid size used in training: `method.grid_num`, or the derived one when it is 0."
+    return cfg.method.grid_num or derive_grid_num(cfg.data.crop_size)
+
+def check_crop_keys(cfg: Config, warn: bool = True) -> Config:
+    """Crop-dependent keys of BRPG: the labeled grid must land on stride-4 features ((crop-1)/grid_num = 4k), and
+    (warning) the largest ASPP dilation should not exceed the stride-8/16 feature map side ceil(crop/output_stride)."""
+    d, m, mo = cfg.data, cfg.method, cfg.model
+    c, g = d.crop_size, m.grid_num
+    if m.name == "brpg" and g > 0 and ((c - 1) % g or ((c - 1) // g) % 4):
+        if (c - 1) % 4 == 0 and c > 4: fix = f"method.grid_num={derive_grid_num(c)} (or 0 = derive from the crop)"
+        else: fix = f"data.crop_size={math.ceil((c - 1) / (4 * g)) * 4 * g + 1} for this grid (or method.grid_num=0 with a 4k+1 crop)"
+        raise ConfigError(f"config keys 'data.crop_size' = {c} and 'method.grid_num' = {g} disagree: (crop_size-1)/grid_num must be "
+                          f"a multiple of 4 so the labeled grid lands on stride-4 features; use {fix}")
+    if m.name == "brpg" and g == 0: derive_grid_num(c)       # raises for a crop without a stride-4 grid
+    if warn and mo.arch == "deeplabv3plus" and mo.aspp_dilations:
+        side, top = math.ceil(c / mo.output_stride), max(mo.aspp_dilations)
+        if top > side:
+            sug = [max(1, round(r * (side - 1) / top)) for r in mo.aspp_dilations]
+            warnings.warn(f"config key 'model.aspp_dilations' = {mo.aspp_dilations}: the largest dilation {top} exceeds the "
+                          f"{side}x{side} feature map of data.crop_size={c} at model.output_stride={mo.output_stride}; "
+                          f"try model.aspp_dilations={sug}", UserWarning, stacklevel=2)
+    return cfg
+
 # %% ../nbs/00_config.ipynb #085d7d13
 def _closest(name, options):
     m = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
@@ -251,7 +284,7 @@ def config_from_dict(d: dict | None, source: str = "<dict>") -> Config:
             if k not in known:
                 raise ConfigError(f"{source}: unknown config key '{sname}.{k}'{_closest(f'{sname}.{k}', _all_keys())}")
         kw[sname] = secs[sname](**sval)
-    try: return Config(**kw)
+    try: return check_crop_keys(Config(**kw))
     except ConfigError as e: raise ConfigError(f"{source}: {e}") from None
 
 def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
@@ -321,5 +354,7 @@ def describe_config(cfg: Config | None = None) -> str:
     for s in fields(cfg):
         sub = getattr(cfg, s.name)
         for f in fields(sub):
-            lines.append(f"{s.name}.{f.name} = {getattr(sub, f.name)!r}  # {f.metadata.get('help','')}")
+            ch = f.metadata.get("choices")
+            more = f" (choices: {', '.join(map(str, ch))})" if ch else ""
+            lines.append(f"{s.name}.{f.name} = {getattr(sub, f.name)!r}  # {f.metadata.get('help','')}{more}")
     return "\n".join(lines)

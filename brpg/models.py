@@ -15,9 +15,10 @@ from .config import ModelConfig
 
 # %% auto #0
 __all__ = ['WEIGHT_FORMATS', 'BACKBONE_ALIASES', 'conv_bn_relu', 'Head', 'ASPP', 'DeepLabV3PlusDecoder', 'SegFormerDecoder',
-           'file_sha256', 'load_checkpoint_file', 'register_weight_format', 'detect_weight_format',
-           'convert_state_dict', 'describe_load_report', 'weights_record', 'load_backbone_weights', 'apply_multi_grid',
-           'Segmenter', 'create_segmenter', 'convert_sync_bn', 'count_params', 'encoder_init_record']
+           'file_sha256', 'resolve_weights_path', 'load_checkpoint_file', 'register_weight_format',
+           'detect_weight_format', 'convert_state_dict', 'describe_load_report', 'weights_record',
+           'load_backbone_weights', 'apply_multi_grid', 'Segmenter', 'create_segmenter', 'convert_sync_bn',
+           'count_params', 'encoder_init_record']
 
 # %% ../nbs/02_models.ipynb #7936a813
 def conv_bn_relu(cin: int, cout: int, k: int = 1, dilation: int = 1, bias: bool = False) -> nn.Sequential:
@@ -92,9 +93,21 @@ def _strip_prefixes(k: str) -> str:
     return k
 
 # %% ../nbs/02_models.ipynb #fe64f9cf
+def resolve_weights_path(spec) -> Path:
+    "A weights path; `pkg:MODULE/rel/path` names a file inside an installed package (found without importing it)."
+    s = str(spec)
+    if not s.startswith("pkg:"): return Path(s).expanduser()
+    import importlib.util
+    mod, _, rel = s[4:].partition("/")
+    try: found = importlib.util.find_spec(mod)
+    except (ImportError, ValueError): found = None
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"model.pretrained_path '{s}': package '{mod}' is not installed (scripts/env.sh installs the weight packages)")
+    return Path(list(found.submodule_search_locations)[0]) / rel
+
 def load_checkpoint_file(path) -> dict:
     "Read a tensor dict from a .pth/.pt/.bin/.ckpt or .safetensors file; unwrap wrapper dicts, strip prefixes."
-    p = Path(path).expanduser()
+    p = resolve_weights_path(path)
     if not p.is_file(): raise FileNotFoundError(f"model.pretrained_path: checkpoint file '{p}' does not exist")
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -323,7 +336,7 @@ def _create_backbone(model_cfg: ModelConfig, dilated: bool) -> nn.Module:
         raise RuntimeError(f"model.backbone '{name}': {why}; set model.pretrained_path to a local checkpoint or model.pretrained=false")
     bb = _timm_create(name, base, use_hub, model_cfg.output_stride, kw)
     apply_multi_grid(bb, getattr(model_cfg, "multi_grid", None) or [], name)
-    bb.load_report = load_backbone_weights(bb, model_cfg.pretrained_path, name) if model_cfg.pretrained_path else None
+    bb.load_report = load_backbone_weights(bb, resolve_weights_path(model_cfg.pretrained_path), name) if model_cfg.pretrained_path else None
     return bb
 
 # %% ../nbs/02_models.ipynb #bd2f424e
