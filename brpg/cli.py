@@ -143,7 +143,8 @@ def evaluate_checkpoint(checkpoint, config=None, overrides=None, device=None) ->
     ck = load_checkpoint(checkpoint)
     cfg = config_for_checkpoint(ck, config, overrides)
     import torch
-    from brpg.data import build_datasets
+    from brpg.data import build_datasets, resolve_num_classes
+    cfg = resolve_num_classes(cfg)            # data.num_classes: 0 (auto) -> the dataset's class count
     from brpg.metrics import evaluate
     dev = _device(device or cfg.trainer.device)
     model = model_from_checkpoint(ck, cfg, dev)
@@ -213,6 +214,8 @@ def cmd_predict(a) -> int:
     files = collect_images(a.inputs)
     ck = load_checkpoint(a.checkpoint)
     cfg = config_for_checkpoint(ck, a.config, a.set)
+    from brpg.data import resolve_num_classes
+    cfg = resolve_num_classes(cfg)            # data.num_classes: 0 (auto) -> the dataset's class count
     dev = _device(a.device or cfg.trainer.device)
     model = model_from_checkpoint(ck, cfg, dev)
     written = predict_images(model, files, cfg, a.out, dev)
@@ -244,7 +247,7 @@ def _add_config_args(p, required=False, default=None):
     p.add_argument("--config", "-c", required=required, default=default,
                    help="config YAML file or shipped config name (demo, voc/classic_366, ...)")
     p.add_argument("--set", "-s", nargs="+", action="extend", metavar="KEY=VALUE", default=[],
-                   help="override config keys, e.g. --set trainer.lr=0.01 data.crop_size=321 (see `brpg config --keys`)")
+                   help="override config keys, e.g. --set trainer.lr=0.01 data.crop_size=321 method.grid_num=0 (see `brpg config --keys`)")
 
 def build_parser() -> argparse.ArgumentParser:
     "The `brpg` argument parser with its six subcommands."
@@ -296,9 +299,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
     return p
 
+def _one_line_warnings():
+    "brpg's own warnings (config advice) print as one line `brpg: warning: ...`; others keep Python's format."
+    import warnings
+    pkg, fmt = str(Path(__file__).resolve().parent) if "__file__" in globals() else "brpg", warnings.formatwarning
+    def f(message, category, filename, lineno, line=None):
+        if str(filename).startswith(pkg): return f"{PROG}: warning: {' '.join(str(message).split())}\n"
+        return fmt(message, category, filename, lineno, line)
+    warnings.formatwarning = f
+
 def main(argv=None) -> int:
     "Entry point of the `brpg` console script; returns the exit code."
     argv = list(sys.argv[1:] if argv is None else argv)
+    _one_line_warnings()
     debug = os.environ.get("BRPG_DEBUG", "") not in ("", "0")
     try:
         if argv and argv[0] == "splits":  # everything after `splits` belongs to brpg.data.splits_main

@@ -132,7 +132,7 @@ class MethodConfig:
 class TrainerConfig:
     "Optimiser, schedule, precision, checkpoints and logging (§1.5)."
     epochs: int = F(80, "training epochs (one epoch = one pass over the unlabeled set)")
-    iters_per_epoch: int = F(0, "iterations per epoch; 0 = unlabeled set size / (batch * world size)")
+    iters_per_epoch: int = F(0, "iterations per epoch; 0 = unlabeled set size / (batch * world size) (the labeled set's for a supervised run without unlabeled images)")
     max_iters: int = F(0, "stop after this many iterations (0 = epochs * iters_per_epoch)")
     lr: float = F(0.001, "base learning rate of the backbone")
     head_lr_mult: float = F(10.0, "learning-rate multiplier of decoder + heads (VOC/COCO 10, Cityscapes 1)")

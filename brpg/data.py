@@ -23,9 +23,10 @@ __all__ = ['VOC_CLASSES', 'CITYSCAPES_CLASSES', 'COCO_CLASSES', 'DEMO_CLASSES', 
            'cityscapes_label_path', 'parse_line', 'read_samples', 'load_image', 'load_mask', 'check_mask', 'draw_scale',
            'pad_crop', 'labeled_transform', 'color_jitter', 'gaussian_blur', 'unlabeled_transform', 'val_transform',
            'SegDataset', 'LabeledDataset', 'UnlabeledDataset', 'ValDataset', 'default_cache_dir', 'make_demo_dataset',
-           'Catalog', 'dataset_root', 'dataset_catalog', 'validate_dataset', 'build_datasets', 'mix_seed',
-           'resample_indices', 'Resampled', 'SeededSampler', 'ShardSampler', 'seed_worker', 'pad_collate',
-           'build_loaders', 'cutmix_masks', 'apply_cutmix', 'training_pool', 'write_splits', 'splits_main']
+           'Catalog', 'resolve_num_classes', 'dataset_root', 'dataset_catalog', 'validate_dataset', 'build_datasets',
+           'image_modes', 'data_report', 'mix_seed', 'resample_indices', 'Resampled', 'SeededSampler', 'ShardSampler',
+           'seed_worker', 'pad_collate', 'build_loaders', 'cutmix_masks', 'apply_cutmix', 'training_pool',
+           'write_splits', 'splits_main']
 
 # %% ../nbs/01_data.ipynb #4556928b
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -430,6 +431,8 @@ class Catalog:
     class_names: list
     problems: list
 
+_FIXED_CLASSES = {"voc": VOC_CLASSES, "cityscapes": CITYSCAPES_CLASSES, "coco": COCO_CLASSES, "demo": DEMO_CLASSES}
+
 def _class_names(cfg: Config, layout_name: str, root: Path, problems: list) -> list:
     C = cfg.data.num_classes
     fixed = {"voc": VOC_CLASSES, "cityscapes": CITYSCAPES_CLASSES, "coco": COCO_CLASSES}.get(layout_name)
@@ -443,6 +446,23 @@ def _class_names(cfg: Config, layout_name: str, root: Path, problems: list) -> l
         problems.append(f"dataset '{cfg.data.dataset}' has {len(names)} classes ({src}) but config key data.num_classes = {C}")
         names = (names + [f"class {i}" for i in range(len(names), C)])[:C]
     return names
+
+def resolve_num_classes(cfg: Config) -> Config:
+    """`cfg` itself, or, when `data.num_classes` is 0 (auto), a copy with the dataset's class count: the fixed list of
+    voc / cityscapes / coco / demo / brain, else the lines of `<root>/classes.txt`."""
+    d = cfg.data
+    if d.num_classes: return cfg
+    if d.dataset == "brain":
+        from brpg.brain import BRAIN_CLASSES
+        n = len(BRAIN_CLASSES)
+    elif d.dataset in _FIXED_CLASSES: n = len(_FIXED_CLASSES[d.dataset])
+    else:
+        f = dataset_root(cfg) / "classes.txt"
+        n = len([ln for ln in f.read_text().splitlines() if ln.strip()]) if f.is_file() else 0
+        if not n:
+            raise DatasetError(f"config key data.num_classes = 0 (auto) needs the class list '{f}' (one name per line) for "
+                               f"dataset '{d.dataset}': write it, or set data.num_classes")
+    return replace(cfg, data=replace(d, num_classes=n))
 
 def dataset_root(cfg: Config) -> Path:
     "The dataset root; generates the demo or brain dataset when `cfg.data.dataset` names one."
@@ -493,8 +513,16 @@ def _val_path(cfg: Config, layout: str, root: Path, split_dir: Path) -> Path | N
     if layout in ("cityscapes", "coco"): return None
     return split_dir / "val.txt"
 
+def _splits_hint(layout: str, root: Path) -> str:
+    "How to create missing labeled/unlabeled split files."
+    if layout != "voc": return " (write one with `brpg splits`)"
+    train = root / "ImageSets" / "Segmentation" / "train.txt"
+    pool = f"'{train}'" if train.is_file() else f"the masks in '{root / _voc_mask_dir(root)}' ({train} not found)"
+    return f" (create it with `brpg splits --config <your config> --n-labeled N`, which draws N labeled images from {pool})"
+
 def dataset_catalog(cfg: Config) -> Catalog:
     "Resolve root, split files and class names of `cfg.data`; structural problems go to `.problems`."
+    cfg = resolve_num_classes(cfg)
     d = cfg.data
     root = dataset_root(cfg)
     layout = "folder" if d.dataset in ("demo", "brain", "folder") else d.dataset
@@ -504,10 +532,15 @@ def dataset_catalog(cfg: Config) -> Catalog:
     index = _folder_index(root) if layout == "folder" else None
     lists = {}
     for name, with_mask in (("labeled", True), ("unlabeled", False)):
-        try: lists[name] = read_samples(split_dir / f"{name}.txt", layout, root, with_mask, index)
+        p = split_dir / f"{name}.txt"
+        if name == "unlabeled" and not p.exists() and cfg.method.name == "supervised":
+            lists[name] = []; continue                       # supervised-only training needs no unlabeled split
+        try: lists[name] = read_samples(p, layout, root, with_mask, index)
         except DatasetError as e:
             lists[name] = []
-            problems.append(str(e) + ("" if (split_dir / f"{name}.txt").exists() else " (write one with `brpg splits`)"))
+            if p.exists(): problems.append(str(e)); continue
+            msg = (f"method.name={cfg.method.name} needs an unlabeled split: '{p}' not found" if name == "unlabeled" else str(e))
+            problems.append(msg + _splits_hint(layout, root))
     vpath = _val_path(cfg, layout, root, split_dir)
     try:
         if vpath is not None: lists["val"] = read_samples(vpath, layout, root, True, index)
@@ -533,7 +566,9 @@ def _check_sample(s: Sample, C: int, ignore: int) -> list[str]:
 
 def validate_dataset(cfg: Config, catalog: Catalog | None = None, max_workers: int = 4) -> list[str]:
     "Check every split file and listed file of `cfg.data`; return ALL problems found (empty list = dataset is fine)."
-    try: cat = catalog or dataset_catalog(cfg)
+    try:
+        cfg = resolve_num_classes(cfg)
+        cat = catalog or dataset_catalog(cfg)
     except DatasetError as e: return [str(e)]
     problems = list(cat.problems)
     samples = cat.labeled + cat.unlabeled + cat.val
@@ -549,12 +584,35 @@ def _raise_problems(problems: list, what: str):
 
 def build_datasets(cfg: Config) -> dict:
     "`{'labeled', 'unlabeled', 'val': Dataset, 'class_names': list[str]}` for `cfg.data` (validated up front if `data.validate`)."
+    cfg = resolve_num_classes(cfg)
     cat = dataset_catalog(cfg)
     _raise_problems(cat.problems, f"dataset '{cfg.data.dataset}' at '{cat.root}'")
     if cfg.data.validate: _raise_problems(validate_dataset(cfg, cat), f"dataset '{cfg.data.dataset}' at '{cat.root}' failed validation")
     d = cfg.data
     return {"labeled": LabeledDataset(cat.labeled, d), "unlabeled": UnlabeledDataset(cat.unlabeled, d),
             "val": ValDataset(cat.val, d), "class_names": cat.class_names}
+
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+def image_modes(samples, n: int = 3) -> list[str]:
+    "PIL modes of the first `n` image files of `samples` (header only; unreadable files are skipped)."
+    out = []
+    for s in list(samples)[:n]:
+        try:
+            with Image.open(s.image) as im: out.append(im.mode)
+        except (OSError, ValueError): pass
+    return out
+
+def data_report(cfg: Config, datasets: dict, n_check: int = 3) -> str:
+    "One line: images per split, and a note when sampled image files are single-channel (replicated to RGB)."
+    parts = [f"{len(datasets[k])} {k}" for k in ("labeled", "unlabeled", "val")]
+    line = f"data: {cfg.data.dataset}, {', '.join(parts)} images, {len(datasets['class_names'])} classes"
+    gray = [k for k in ("labeled", "unlabeled", "val")
+            if any(m in _GRAY_MODES for m in image_modes(getattr(datasets[k], "samples", []), n_check))]
+    if gray:
+        line += (f"; grayscale images ({', '.join(gray)}) are replicated to 3 channels and normalised with "
+                 f"data.mean/std = {cfg.data.mean}/{cfg.data.std}")
+    return line
 
 # %% ../nbs/01_data.ipynb #bcda8483
 def mix_seed(*vals: int) -> int:
@@ -621,13 +679,15 @@ def pad_collate(items: list, ignore_index: int = 255) -> dict:
     return out
 
 def build_loaders(cfg: Config, datasets: dict, rank: int = 0, world_size: int = 1, seed: int | None = None) -> dict:
-    "`{'labeled', 'unlabeled', 'val': DataLoader}`; labeled resampled to the unlabeled length, seeded, DDP-aware."
+    """`{'labeled', 'unlabeled', 'val': DataLoader}`; labeled resampled to the unlabeled length, seeded, DDP-aware.
+    Supervised-only configs without an unlabeled set get `'unlabeled': None` and the labeled set as it is."""
     d = cfg.data
     seed = cfg.trainer.seed if seed is None else int(seed)
     lab, unl, val = datasets["labeled"], datasets["unlabeled"], datasets["val"]
+    no_unl = len(unl) == 0 and cfg.method.name == "supervised"   # supervised-only: epochs over the labeled set
     for name, ds_ in (("labeled", lab), ("unlabeled", unl), ("val", val)):
-        if len(ds_) == 0: raise DatasetError(f"the {name} dataset is empty")
-    lab_r = Resampled(lab, resample_indices(len(lab), len(unl), seed))
+        if len(ds_) == 0 and not (name == "unlabeled" and no_unl): raise DatasetError(f"the {name} dataset is empty")
+    lab_r = lab if no_unl else Resampled(lab, resample_indices(len(lab), len(unl), seed))
     nw = d.num_workers
     common = dict(num_workers=nw, pin_memory=torch.cuda.is_available(), worker_init_fn=seed_worker,
                   persistent_workers=nw > 0)
@@ -639,7 +699,7 @@ def build_loaders(cfg: Config, datasets: dict, rank: int = 0, world_size: int = 
                           generator=torch.Generator().manual_seed(mix_seed(seed, stream, rank)), **common)
     return {
         "labeled": loader(lab_r, SeededSampler(lab_r, seed, True, rank, world_size, stream=0), d.batch_size_labeled, True, 0),
-        "unlabeled": loader(unl, SeededSampler(unl, seed, True, rank, world_size, stream=1), d.batch_size_unlabeled, True, 1),
+        "unlabeled": None if no_unl else loader(unl, SeededSampler(unl, seed, True, rank, world_size, stream=1), d.batch_size_unlabeled, True, 1),
         "val": loader(val, ShardSampler(len(val), rank, world_size), cfg.eval.batch_size, False, 2,
                       collate=functools.partial(pad_collate, ignore_index=d.ignore_index)),
     }
@@ -670,7 +730,8 @@ def apply_cutmix(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 # %% ../nbs/01_data.ipynb #6c8c3fc9
 def training_pool(cfg: Config) -> tuple[list[str], list[bool]]:
-    "Split lines of every training image of `cfg.data`'s dataset, and whether each has a mask (can be labeled)."
+    """Split lines of every training image of `cfg.data`'s dataset, and whether each has a mask (can be labeled).
+    VOC: the ids of `ImageSets/Segmentation/train.txt` when it exists (minus val ids, those with a mask), else every mask."""
     d = cfg.data
     root = dataset_root(cfg)
     layout = "folder" if d.dataset in ("demo", "brain", "folder") else d.dataset
@@ -678,7 +739,12 @@ def training_pool(cfg: Config) -> tuple[list[str], list[bool]]:
     vids = {parse_line(layout, root, f, False, "").id for _, f in read_split(vp)} if vp is not None and vp.is_file() else set()
     if layout == "voc":
         mdir = root / _voc_mask_dir(root)
-        ids = sorted(p.stem for p in mdir.glob("*.png") if p.stem not in vids and (root / "JPEGImages" / f"{p.stem}.jpg").exists())
+        train = root / "ImageSets" / "Segmentation" / "train.txt"
+        if train.is_file():   # the official training list, minus val ids, only ids with a mask
+            listed = dict.fromkeys(Path(f[0]).stem for _, f in read_split(train))
+            ids = sorted(i for i in listed if i not in vids and (mdir / f"{i}.png").exists())
+        else:
+            ids = sorted(p.stem for p in mdir.glob("*.png") if p.stem not in vids and (root / "JPEGImages" / f"{p.stem}.jpg").exists())
         return ids, [True] * len(ids)
     if layout == "cityscapes":
         files = sorted(p.relative_to(root).as_posix() for p in (root / "leftImg8bit" / "train").glob("*/*_leftImg8bit.png"))

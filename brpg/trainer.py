@@ -10,7 +10,7 @@ import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
 import torch.distributed as dist
 from torch.utils.data import DataLoader
-from .config import Config, ConfigError, save_config, apply_overrides
+from .config import Config, ConfigError, save_config, apply_overrides, check_crop_keys, grid_num_for
 from . import data as bdata, models as bmodels, metrics as bmetrics, sampling as bsampling
 from . import prototypes as bprotos, losses as blosses
 
@@ -18,7 +18,7 @@ from . import prototypes as bprotos, losses as blosses
 __all__ = ['RUN_FILES', 'LOSS_TERMS', 'VIEW_SAMPLE_SIZE', 'TrainerError', 'NonFiniteLossError', 'resolve_device', 'dist_env',
            'init_distributed', 'amp_settings', 'poly_lr', 'teacher_decay', 'ema_update_teacher', 'copy_params',
            'atomic_save', 'atomic_copy', 'load_checkpoint', 'seed_for', 'seed_everything', 'get_rng_state',
-           'set_rng_state', 'model_signature', 'Trainer', 'train_main', 'tiny_demo_config']
+           'set_rng_state', 'model_signature', 'Trainer', 'json_line', 'train_main', 'tiny_demo_config']
 
 # %% ../nbs/08_trainer.ipynb #1a68bc27
 class TrainerError(RuntimeError):
@@ -176,6 +176,11 @@ class Trainer:
     "Train `cfg.method.name` (supervised / mean_teacher / brpg) per `cfg`; see the notebook for the schedule."
     def __init__(self, cfg: Config, callbacks=(), out_dir=None, resume: bool = False, overwrite: bool = False):
         if not isinstance(cfg, Config): raise TypeError(f"Trainer needs a brpg.config.Config, got {type(cfg).__name__}")
+        try:
+            cfg = bdata.resolve_num_classes(cfg)     # data.num_classes: 0 (auto) -> the dataset's count, saved as such
+            check_crop_keys(cfg, warn=False)         # the grid of L_pro must land on stride-4 features
+        except (bdata.DatasetError, ConfigError) as e: raise TrainerError(f"{'dataset: ' if isinstance(e, bdata.DatasetError) else ''}{e}") from None
+        self.grid_num = grid_num_for(cfg) if cfg.method.name == "brpg" else cfg.method.grid_num
         self.cfg, self.callbacks = cfg, list(callbacks)
         self.out_dir = Path(out_dir if out_dir is not None else cfg.trainer.out_dir).expanduser()
         self.resume, self.overwrite = bool(resume), bool(overwrite)
@@ -228,10 +233,11 @@ class Trainer:
         try: self.loaders = bdata.build_loaders(cfg, self.datasets, self.rank, self.world_size, seed=cfg.trainer.seed)
         except bdata.DatasetError as e: raise TrainerError(f"dataset: {e}") from None
         ga = cfg.trainer.grad_accum
-        nb = len(self.loaders["unlabeled"])
+        src = "unlabeled" if self.loaders.get("unlabeled") is not None else "labeled"   # supervised-only: no unlabeled set
+        nb = len(self.loaders[src])
         self.iters_per_epoch = cfg.trainer.iters_per_epoch or nb // ga
         if self.iters_per_epoch < 1:
-            raise TrainerError(f"dataset: {nb} unlabeled batch(es) per process cannot fill one iteration of "
+            raise TrainerError(f"dataset: {nb} {src} batch(es) per process cannot fill one iteration of "
                                f"trainer.grad_accum={ga} batches")
         self.total_iters = cfg.trainer.epochs * self.iters_per_epoch
         self.max_iters = min(cfg.trainer.max_iters or self.total_iters, self.total_iters)
@@ -359,9 +365,10 @@ class Trainer:
 
     def _emit(self, name: str, *args):
         if not self.is_main: return
-        for cb in list(self.callbacks):
-            f = getattr(cb, name, None)
-            if f is not None: f(self, *args)
+        fs = [f for f in (getattr(cb, name, None) for cb in list(self.callbacks)) if f is not None]
+        if not fs: return
+        with self._untimed():                      # callbacks (views, loggers) are not training time
+            for f in fs: f(self, *args)
 
     def _listens(self, name: str) -> bool:
         return self.is_main and any(getattr(cb, name, None) is not None for cb in self.callbacks)
@@ -452,7 +459,7 @@ def _step(self: Trainer, batch: dict, it: int, epoch: int) -> torch.Tensor:
         if sampling: self._push(lab_c, unl_c, B_l)
         if view: self._emit_sample(lab_c, unl_c, it)
     if self._bank_ready:
-        f_l, l_l = bsampling.labeled_grid(rep[:B_l], y_l, m.grid_num)
+        f_l, l_l = bsampling.labeled_grid(rep[:B_l], y_l, self.grid_num)
         thr = bsampling.loss_threshold(it, self.iters_per_epoch, cfg.trainer.epochs, m.pseudo_threshold,
                                        m.threshold_ramp_end, m.threshold_ramp_anchor_epoch)
         f_u, l_u = bsampling.unlabeled_pick(rep[B_l:], conf_u, yhat_u, thr, B_u * m.unsup_sample_num, ignore_index=ign)
@@ -485,7 +492,11 @@ def _push(self: Trainer, lab_c, unl_c, batch_size: int):
 
 @torch.no_grad()
 def _emit_sample(self: Trainer, lab_c, unl_c, it: int):
-    "A small CPU subset of the candidate features for the views."
+    "A small CPU subset of the candidate features for the views (not counted as training time)."
+    with self._untimed(): self._emit_sample_now(lab_c, unl_c, it)
+
+@torch.no_grad()
+def _emit_sample_now(self: Trainer, lab_c, unl_c, it: int):
     hf, hl, lf, ll = lab_c
     parts = [(hf, hl, lab_c.hi_conf, True, True), (lf, ll, lab_c.lo_conf, False, True)]
     if unl_c is not None: parts.append((unl_c[0], unl_c[1], unl_c.conf, True, False))
@@ -499,7 +510,7 @@ def _emit_sample(self: Trainer, lab_c, unl_c, it: int):
     self._emit("on_features_sampled", {"feats": f, "labels": l, "conf": c, "is_high": hi, "is_labeled": lb,
                                        "iteration": it + 1, "epoch": self.epoch, "phase": self.phase(it)})
 
-Trainer._step, Trainer._push, Trainer._emit_sample = _step, _push, _emit_sample
+Trainer._step, Trainer._push, Trainer._emit_sample, Trainer._emit_sample_now = _step, _push, _emit_sample, _emit_sample_now
 
 # %% ../nbs/08_trainer.ipynb #12801c0c
 def _train_iteration(self: Trainer, it: int, epoch: int, stream):
@@ -585,14 +596,16 @@ def _sync(self: Trainer) -> bool:
     if self._acc_n:
         now = time.perf_counter()
         vals = (self._acc / self._acc_n).tolist()
+        n_it, wall = self.iteration - self._it_log, max(now - self._t_log, 1e-9)
         rec = {"type": "train", "iteration": self.iteration, "epoch": self.epoch, "phase": self.phase(self.iteration - 1),
                **{k: float(v) for k, v in zip(LOSS_TERMS, vals)},
                "lr": float(self.optimizer.param_groups[0]["lr"]), "lr_head": float(self.optimizer.param_groups[1]["lr"]),
-               "it_per_s": (self.iteration - self._it_log) / max(now - self._t_log, 1e-9),
+               "it_per_s": n_it / max(wall - self._t_excl, 1e-9),   # training steps only
+               "wall_it_per_s": n_it / wall,                         # with validation, checkpoints, callbacks
                "threshold": self._threshold(self.iteration - 1)}
         if self.queues is not None: rec["queue_fill"] = int(self.queues["high"].counts.sum() + self.queues["low"].counts.sum())
         if self._bank_ready: rec["num_prototypes"] = int(self.bank.num_prototypes)
-        self._acc.zero_(); self._acc_n, self._t_log, self._it_log = 0, now, self.iteration
+        self._acc.zero_(); self._acc_n, self._t_log, self._it_log, self._t_excl = 0, now, self.iteration, 0.0
         self._record(rec)
         if self._pbar is not None:
             self._pbar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", its=f"{rec['it_per_s']:.2f}", refresh=False)
@@ -610,16 +623,41 @@ def _threshold(self: Trainer, it: int):
     return float(bsampling.loss_threshold(max(it, 0), self.iters_per_epoch, self.cfg.trainer.epochs, m.pseudo_threshold,
                                           m.threshold_ramp_end, m.threshold_ramp_anchor_epoch))
 
+def _finite(x):
+    "`x` with every non-finite float (NaN IoU of a class absent from val, -inf best) replaced by None."
+    if isinstance(x, float): return x if math.isfinite(x) else None
+    if isinstance(x, dict): return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)): return [_finite(v) for v in x]
+    return x
+
+def json_line(rec: dict) -> str:
+    "One strict-JSON line of a log record (non-finite floats as null)."
+    return json.dumps(_finite(rec), allow_nan=False)
+
 def _record(self: Trainer, rec: dict):
     self.history.append(rec)
     if self._jsonl is not None:
-        self._jsonl.write(json.dumps(rec) + "\n"); self._jsonl.flush()
+        self._jsonl.write(json_line(rec) + "\n"); self._jsonl.flush()
 
-Trainer._sync, Trainer._threshold, Trainer._record = _sync, _threshold, _record
+@contextlib.contextmanager
+def _untimed(self: Trainer):
+    "Time spent inside (validation, checkpoints, callbacks) is left out of the logged training it_per_s."
+    self._excl_depth = getattr(self, "_excl_depth", 0) + 1
+    if self._excl_depth == 1 and self.device.type == "cuda": torch.cuda.synchronize(self.device)  # finish queued steps first
+    t0 = time.perf_counter()
+    try: yield
+    finally:
+        self._excl_depth -= 1
+        if self._excl_depth == 0: self._t_excl = getattr(self, "_t_excl", 0.0) + time.perf_counter() - t0
+
+Trainer._sync, Trainer._threshold, Trainer._record, Trainer._untimed = _sync, _threshold, _record, _untimed
 
 # %% ../nbs/08_trainer.ipynb #54dbefc6
 def _validate(self: Trainer) -> bool:
-    t0 = time.perf_counter()
+    "Validate the eval model, log and emit the result; returns whether it is the best so far (not training time)."
+    with self._untimed(): return self._run_validation()
+
+def _run_validation(self: Trainer) -> bool:
     model = self.eval_model()
     which = "teacher" if model is self.teacher else "student"
     res = bmetrics.evaluate(model, self.loaders["val"], self.cfg, self.device, amp_dtype=self.amp_dtype)
@@ -637,7 +675,6 @@ def _validate(self: Trainer) -> bool:
         for k in ("miou", "acc", "boundary_iou"): self._tb.add_scalar(f"val/{k}", rec[k], self.iteration)
         self._tb_image(model)
     self._emit("on_validation_end", res)
-    self._t_log += time.perf_counter() - t0          # it/s counts training time only
     return is_best
 
 @torch.no_grad()
@@ -661,15 +698,16 @@ def _tb_image(self: Trainer, model):
     self._tb.add_image("val/prediction", panel, self.iteration, dataformats="HWC")
 
 def _save(self: Trainer, best: bool = False):
-    "Write last.pt (and best.pt) atomically, on rank 0."
+    "Write last.pt (and best.pt) atomically, on rank 0 (not training time)."
     if not self.is_main: return
-    last = self.out_dir / "last.pt"
-    atomic_save(self.state_dict(), last)
-    if self._replace_ckpts and not best and (self.out_dir / "best.pt").exists(): (self.out_dir / "best.pt").unlink()
-    self._replace_ckpts = False
-    if best: atomic_copy(last, self.out_dir / "best.pt")
+    with self._untimed():
+        last = self.out_dir / "last.pt"
+        atomic_save(self.state_dict(), last)
+        if self._replace_ckpts and not best and (self.out_dir / "best.pt").exists(): (self.out_dir / "best.pt").unlink()
+        self._replace_ckpts = False
+        if best: atomic_copy(last, self.out_dir / "best.pt")
 
-Trainer._validate, Trainer._tb_image, Trainer._save = _validate, _tb_image, _save
+Trainer._validate, Trainer._run_validation, Trainer._tb_image, Trainer._save = _validate, _run_validation, _tb_image, _save
 
 # %% ../nbs/08_trainer.ipynb #5442efc8
 def _prepare_out_dir(self: Trainer):
@@ -688,7 +726,7 @@ def _prepare_out_dir(self: Trainer):
     (d / "weights.json").write_text(json.dumps(self.encoder_init, indent=1) + "\n")
     # rewrite metrics.jsonl from the checkpoint's history: records after the checkpoint are dropped
     self._jsonl = open(d / "metrics.jsonl", "w")
-    for h in self.history: self._jsonl.write(json.dumps(h) + "\n")
+    for h in self.history: self._jsonl.write(json_line(h) + "\n")
     self._jsonl.flush()
     if self.cfg.trainer.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -718,10 +756,11 @@ def _fit(self: Trainer) -> dict:
     if self._fitted: raise TrainerError("fit() already ran on this Trainer; build a new one (resume=True) to continue")
     self._fitted = True
     self._prepare_out_dir()
+    self._log(f"[brpg] {bdata.data_report(self.cfg, self.datasets)}")   # counts per split; grayscale files named
     old = self._install_signals()
     ipe, t = self.iters_per_epoch, self.cfg.trainer
     stream, stream_epoch, stopped = None, None, False
-    self._t_log, self._it_log = time.perf_counter(), self.iteration
+    self._t_log, self._it_log, self._t_excl, self._excl_depth = time.perf_counter(), self.iteration, 0.0, 0
     try:
         while self.iteration < self.max_iters:
             if self._stop_evt.is_set() and self.world_size == 1: stopped = True; break

@@ -147,3 +147,78 @@ def test_bad_checkpoint_file(tmp_path):
     (tmp_path / "x.pt").write_bytes(b"garbage")
     line = one_line_error(brpg("eval", "--checkpoint", tmp_path / "x.pt"))
     assert "x.pt" in line and "not a readable torch checkpoint" in line
+
+
+# ---------------------------------------------------------------------------------------- loader stumbles on real data
+def test_config_keys_list_choices():
+    r = brpg("config", "--keys")
+    assert r.returncode == 0, r.stderr
+    assert "data.dataset = 'demo'  # dataset format (choices: demo, brain, voc, cityscapes, coco, folder)" in r.stdout
+    assert "method.name = 'brpg'  # which method to train (choices: supervised, mean_teacher, brpg)" in r.stdout
+    assert "data.num_classes = 11  # " in r.stdout and "0 = auto" in r.stdout
+
+
+def test_crop_dependent_keys_are_checked():
+    "method.grid_num must fit data.crop_size (one-line error naming both and a valid value); 0 derives it."
+    line = one_line_error(brpg("config", "--config", "voc/classic_366", "--set", "data.crop_size=321"))
+    assert "data.crop_size" in line and "method.grid_num" in line and "method.grid_num=20" in line, line
+    line = one_line_error(brpg("config", "--set", "data.crop_size=512", "method.grid_num=0"))
+    assert "data.crop_size=513" in line, line
+    r = brpg("config", "--set", "data.crop_size=321", "method.grid_num=0")
+    assert r.returncode == 0 and "grid_num: 0" in r.stdout and r.stderr == "", r.stderr
+
+
+def test_aspp_dilations_beyond_the_feature_map_warn_in_one_line():
+    "ASPP dilations larger than the crop's stride-8 feature map: one warning line with a scaled suggestion."
+    r = brpg("config", "--set", "data.crop_size=57", "method.grid_num=14")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines() == ["brpg: warning: config key 'model.aspp_dilations' = [12, 24, 36]: the largest "
+        "dilation 36 exceeds the 8x8 feature map of data.crop_size=57 at model.output_stride=8; try model.aspp_dilations=[2, 5, 7]"], r.stderr
+
+
+def test_shipped_configs_validate_without_warnings():
+    import warnings
+    from brpg.config import CONFIG_DIR, load_config
+    names = sorted(str(q.relative_to(CONFIG_DIR))[:-5] for q in CONFIG_DIR.rglob("*.yaml"))
+    assert {"voc/classic_366", "cityscapes/372", "coco/1_32", "demo", "brain"} <= set(names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for n in names: load_config(n)
+
+
+def test_voc_without_labeled_split_says_how_to_create_it(tmp_path):
+    (tmp_path / "ImageSets/Segmentation").mkdir(parents=True); (tmp_path / "JPEGImages").mkdir()
+    (tmp_path / "SegmentationClassAug").mkdir()
+    (tmp_path / "ImageSets/Segmentation/train.txt").write_text("2007_000032\n")
+    (tmp_path / "ImageSets/Segmentation/val.txt").write_text("2007_000033\n")
+    line = one_line_error(brpg("train", "--config", "voc/classic_366", "--set", f"data.root={tmp_path}",
+                               f"data.split_dir={tmp_path / 'splits'}", "--out", tmp_path / "run"))
+    assert "labeled.txt' not found" in line and "brpg splits --config" in line and "--n-labeled N" in line, line
+    assert "ImageSets/Segmentation/train.txt" in line, line
+
+
+def _auto_classes_config(tiny_run):
+    from brpg.config import save_config
+    from brpg.trainer import tiny_demo_config
+    save_config(tiny_demo_config("brpg", ["trainer.epochs=3", "data.num_classes=0"]), tiny_run / "tiny0.yaml")
+    return tiny_run / "tiny0.yaml"
+
+
+def test_eval_resolves_num_classes_auto(tiny_run):
+    "data.num_classes: 0 in the given config means the dataset's count (the demo's 11), as the checkpoint has."
+    _auto_classes_config(tiny_run)
+    r = brpg("eval", "--checkpoint", tiny_run / "run", "--config", tiny_run / "tiny0.yaml", "--out", tiny_run / "e0.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(json.loads((tiny_run / "e0.json").read_text())["iou"]) == 11
+
+
+def test_predict_resolves_num_classes_auto(tiny_run):
+    _auto_classes_config(tiny_run)
+    import numpy as np
+    from PIL import Image
+    (tiny_run / "imgs0").mkdir()
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(tiny_run / "imgs0" / "z.png")
+    r = brpg("predict", "--checkpoint", tiny_run / "run", tiny_run / "imgs0", "--config", tiny_run / "tiny0.yaml",
+             "--out", tiny_run / "pred0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tiny_run / "pred0" / "z_label.png").is_file()

@@ -370,3 +370,85 @@ def test_loader_parts_pickle_for_spawn(tmp_path):
         a, b = L[name].dataset[key], ds2[key]
         assert a["id"] == b["id"] and all(torch.equal(a[k], b[k]) for k in a if k != "id")
         pickle.dumps(L[name].collate_fn); pickle.dumps(L[name].worker_init_fn)
+
+
+# ----------------------------------------------------------------------------------------------- loader stumbles on real data
+def voc_tree(root, n=8, train=None, val=None):
+    ids = [f"2007_{i:06d}" for i in range(n)]
+    for i, sid in enumerate(ids):
+        rgb(root / "JPEGImages" / f"{sid}.jpg", 10, 13, seed=i, fmt="JPEG")
+        pmask(root / "SegmentationClassAug" / f"{sid}.png", rand_mask(10, 13, 21, seed=i))
+    if train is not None: write(root / "ImageSets/Segmentation/train.txt", [ids[i] for i in train], trailing=False)
+    if val is not None: write(root / "ImageSets/Segmentation/val.txt", [ids[i] for i in val], trailing=False)
+    return ids
+
+
+def test_voc_pool_is_imagesets_train(tmp_path, capsys):
+    "`brpg splits` on VOC draws from ImageSets/Segmentation/train.txt (minus val ids, only ids with masks)."
+    ids = voc_tree(tmp_path, train=[0, 1, 2, 3, 6], val=[6, 7])
+    (tmp_path / "SegmentationClassAug" / f"{ids[3]}.png").unlink()          # listed in train.txt but no mask
+    assert splits_main(["--dataset", "voc", "--root", str(tmp_path), "--set", "data.num_classes=21", "--n-labeled", "2"]) == 0
+    lab = [f[0] for _, f in read_split(tmp_path / "splits/labeled.txt")]
+    unl = [f[0] for _, f in read_split(tmp_path / "splits/unlabeled.txt")]
+    assert sorted(lab + unl) == ids[:3]          # not ids[4], ids[5] (masks on disk, not in train.txt), not 3 / 6
+
+
+def test_voc_missing_labeled_split_says_how_to_create_it(tmp_path):
+    voc_tree(tmp_path, train=[0, 1, 2], val=[6, 7])
+    with pytest.raises(DatasetError) as e:
+        build_datasets(dcfg(dataset="voc", root=str(tmp_path), num_classes=21))
+    msg = str(e.value).splitlines()[1]
+    assert "labeled.txt' not found" in msg and "brpg splits --config" in msg and "--n-labeled N" in msg, msg
+    assert str(tmp_path / "ImageSets/Segmentation/train.txt") in msg, msg
+
+
+def test_voc_val_falls_back_to_imagesets_val(tmp_path):
+    ids = voc_tree(tmp_path, val=[5, 7])
+    write(tmp_path / "splits/labeled.txt", ids[:2]); write(tmp_path / "splits/unlabeled.txt", ids[2:5])
+    cat = dataset_catalog(dcfg(dataset="voc", root=str(tmp_path), num_classes=21))
+    assert cat.problems == [] and [s.id for s in cat.val] == [ids[5], ids[7]]
+    assert cat.val[0].source.startswith(str(tmp_path / "ImageSets/Segmentation/val.txt"))
+
+
+def test_supervised_needs_no_unlabeled_split(tmp_path):
+    folder_tree(tmp_path)
+    (tmp_path / "splits/unlabeled.txt").unlink()
+    cfg = dcfg(dataset="folder", root=str(tmp_path), num_classes=4)
+    sup = replace(cfg, method=replace(cfg.method, name="supervised"))
+    ds = build_datasets(sup)
+    assert (len(ds["labeled"]), len(ds["unlabeled"]), len(ds["val"])) == (3, 0, 2)
+    loaders = build_loaders(sup, ds)
+    assert loaders["unlabeled"] is None and len(loaders["labeled"]) == 1          # 3 labeled, batch 2, drop_last
+    for method in ("mean_teacher", "brpg"):
+        with pytest.raises(DatasetError, match=f"method.name={method} needs an unlabeled split: '.*unlabeled.txt' not found"):
+            build_datasets(replace(cfg, method=replace(cfg.method, name=method)))
+
+
+def test_num_classes_zero_is_auto(tmp_path):
+    from brpg.data import resolve_num_classes
+    folder_tree(tmp_path / "f", C=4)
+    cfg = dcfg(dataset="folder", root=str(tmp_path / "f"), num_classes=0)
+    assert cfg.data.num_classes == 0 and resolve_num_classes(cfg).data.num_classes == 4
+    ds = build_datasets(cfg)
+    assert ds["class_names"] == ["c0", "c1", "c2", "c3"] and ds["labeled"].dc.num_classes == 4
+    assert resolve_num_classes(dcfg(dataset="voc", root=str(tmp_path), num_classes=0)).data.num_classes == 21
+    assert resolve_num_classes(dcfg(dataset="cityscapes", root=str(tmp_path), num_classes=0)).data.num_classes == 19
+    (tmp_path / "f/classes.txt").unlink()
+    with pytest.raises(DatasetError, match=r"data.num_classes = 0 \(auto\) needs the class list '.*classes.txt'"):
+        build_datasets(cfg)
+    assert DataConfig().num_classes == 11                                          # the default is unchanged
+
+
+def test_data_report_names_grayscale_images(tmp_path):
+    from brpg.data import data_report
+    ids, _ = folder_tree(tmp_path)
+    ds = build_datasets(dcfg(dataset="folder", root=str(tmp_path), num_classes=4))
+    assert data_report(dcfg(), ds) == "data: demo, 3 labeled, 5 unlabeled, 2 val images, 4 classes"
+    for p in (tmp_path / "images").iterdir():                                      # the same images, single-channel
+        Image.open(p).convert("L").save(tmp_path / "images" / f"{p.stem}.png"); p.suffix == ".jpg" and p.unlink()
+    cfg = dcfg(dataset="folder", root=str(tmp_path), num_classes=4)
+    ds = build_datasets(cfg)
+    rep = data_report(cfg, ds)
+    assert rep.startswith("data: folder, 3 labeled, 5 unlabeled, 2 val images, 4 classes; grayscale images (labeled, "
+                          "unlabeled, val) are replicated to 3 channels and normalised with data.mean/std"), rep
+    assert ds["labeled"][(0, 1)]["image"].shape[0] == 3

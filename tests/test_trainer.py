@@ -238,3 +238,90 @@ def test_teacher_hand_over_bn_buffers(tmp_path, copy_bn):
     for a, b in zip(tr.teacher.parameters(), tr.student.parameters()): assert torch.equal(a, b)
     same = [torch.equal(a, b) for a, b in zip(tr.teacher.buffers(), tr.student.buffers()) if a.is_floating_point()]
     assert all(same) if copy_bn else not all(same)
+
+
+# ---------------------------------------------------------------------------------------- loader stumbles on real data
+def _demo_splits(tmp_path, names=("labeled.txt", "val.txt")):
+    "A split folder holding only some of the tiny demo's split files."
+    import shutil
+    from brpg.data import dataset_root
+    root = dataset_root(tiny_demo_config("supervised"))
+    d = tmp_path / "splits"; d.mkdir()
+    for n in names: shutil.copy(root / "splits" / n, d / n)
+    return d
+
+
+def test_supervised_trains_without_unlabeled_split(tmp_path):
+    "No unlabeled.txt: supervised-only trains, one epoch = one pass over the labeled set (8 images / batch 2)."
+    d = _demo_splits(tmp_path)
+    cfg = tiny_demo_config("supervised", [f"data.split_dir={d}", "trainer.iters_per_epoch=0", "trainer.epochs=1"])
+    tr = Trainer(cfg, out_dir=tmp_path / "run")
+    assert tr.iters_per_epoch == 4 and len(tr.datasets["unlabeled"]) == 0
+    assert tr.fit()["iterations"] == 4
+    for method in ("mean_teacher", "brpg"):
+        with pytest.raises(TrainerError, match=f"method.name={method} needs an unlabeled split: '.*unlabeled.txt' not found"):
+            Trainer(tiny_demo_config(method, [f"data.split_dir={d}"]), out_dir=tmp_path / method)
+
+
+class SlowObserver:
+    "A view-like callback that is slow on every event it gets."
+    def __init__(self, s): self.s = s
+    def on_validation_end(self, trainer, res): time.sleep(self.s)
+    def on_features_sampled(self, trainer, sample): time.sleep(self.s)
+
+
+def test_it_per_s_counts_training_steps_only(tmp_path, monkeypatch):
+    "Slow validation, checkpoints and view callbacks (0.5 s each) are left out of it_per_s; wall_it_per_s keeps them."
+    import brpg.trainer
+    real_save = brpg.trainer.atomic_save
+    monkeypatch.setattr(brpg.trainer, "atomic_save", lambda *a: (time.sleep(0.5), real_save(*a)))
+    cfg = tiny_demo_config("supervised", ["trainer.max_iters=2", "trainer.val_every=1", "trainer.view_every=1"])
+    Trainer(cfg, callbacks=[SlowObserver(0.5)], out_dir=tmp_path / "run").fit()
+    recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["type"] == "train"]
+    assert [r["iteration"] for r in train] == [1, 2]
+    # iteration 2 (after the validation and checkpoint of 1) takes well under 1 s of training; before the fix
+    # its it_per_s also held the checkpoint and the view callback (>= 1 s)
+    assert 1 / train[1]["it_per_s"] < 1.0, train[1]
+    for r, slept in zip(train, (0.5, 1.5)):      # iteration 1: its view; iteration 2: + validation and checkpoint of 1
+        left_out = 1 / r["wall_it_per_s"] - 1 / r["it_per_s"]     # + the real checkpoint writes
+        assert slept - 0.05 <= left_out <= slept + 3, (r, left_out)
+
+
+def test_metrics_jsonl_is_strict_json(tmp_path, monkeypatch):
+    "A class absent from val has a NaN IoU: metrics.jsonl writes null, every line parses with a strict parser."
+    import brpg.metrics
+    real = brpg.metrics.evaluate
+    def evaluate(*a, **k):
+        res = real(*a, **k); res["iou"] = [float(v) for v in res["iou"]][:-1] + [float("nan")]; return res
+    monkeypatch.setattr(brpg.metrics, "evaluate", evaluate)
+    Trainer(tiny_demo_config("supervised", ["trainer.max_iters=2", "trainer.val_every=1"]), out_dir=tmp_path / "run").fit()
+    def no_constants(c): raise ValueError(f"non-standard JSON constant {c}")
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    recs = [json.loads(l, parse_constant=no_constants) for l in lines]
+    vals = [r for r in recs if r["type"] == "val"]
+    assert len(vals) == 2 and all(v["iou"][-1] is None and len(v["iou"]) == 11 for v in vals)
+
+
+def test_grayscale_folder_dataset_auto_classes_and_report(tmp_path, capsys):
+    "Grayscale PNGs: the start-up line says they become 3-channel; data.num_classes=0 is read from classes.txt and saved."
+    import numpy as np, yaml
+    from PIL import Image
+    root = tmp_path / "ds"; (root / "images").mkdir(parents=True); (root / "masks").mkdir(); (root / "splits").mkdir()
+    rng = np.random.default_rng(0)
+    ids = [f"g{i}" for i in range(10)]
+    for sid in ids:
+        Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8), "L").save(root / "images" / f"{sid}.png")
+        Image.fromarray(rng.integers(0, 3, (40, 40), dtype=np.uint8), "L").save(root / "masks" / f"{sid}.png")
+    (root / "classes.txt").write_text("background\nbone\ntissue\n")
+    for name, part in (("labeled", ids[:4]), ("unlabeled", ids[4:8]), ("val", ids[8:])):
+        (root / "splits" / f"{name}.txt").write_text("\n".join(part) + "\n")
+    cfg = tiny_demo_config("supervised", ["data.dataset=folder", f"data.root={root}", "data.num_classes=0", "trainer.max_iters=1"])
+    tr = Trainer(cfg, out_dir=tmp_path / "run")
+    assert tr.cfg.data.num_classes == 3
+    tr.fit()
+    assert len(tr.last_metrics["iou"]) == 3                                       # a 3-class model was trained
+    err = capsys.readouterr().err
+    assert ("[brpg] data: folder, 4 labeled, 4 unlabeled, 2 val images, 3 classes; grayscale images (labeled, unlabeled, val) "
+            "are replicated to 3 channels and normalised with data.mean/std") in err, err
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["num_classes"] == 3
