@@ -55,7 +55,8 @@ class DataConfig:
     demo_num_val: int = F(80, "demo dataset: number of validation images")
     demo_seed: int = F(0, "demo dataset: generation seed")
     brain_num_labeled: int = F(6, "brain dataset: number of labeled axial slices")
-    brain_image_size: int = F(96, "brain dataset: side of the square slice canvas (2 mm pixels)")
+    brain_image_size: int = F(96, "brain dataset: side of the square slice canvas")
+    brain_pool: int = F(2, "brain dataset: in-plane block averaging of the 1 mm template (2 = 2 mm pixels)")
     cache_dir: str = F("", "where generated data is cached; '' = ~/.cache/brpg")
     validate: bool = F(False, "check every listed file of the dataset up front and report all problems at once")
 
@@ -185,6 +186,7 @@ _RANGES = {  # key: (lo, hi) inclusive; None = unbounded
     "data.cutmix_prob": (0, 1), "data.color_jitter_prob": (0, 1), "data.grayscale_prob": (0, 1),
     "data.blur_prob": (0, 1), "data.batch_size_labeled": (1, None), "data.batch_size_unlabeled": (1, None),
     "data.num_workers": (0, None), "data.val_crop_size": (0, None),
+    "data.brain_num_labeled": (1, None), "data.brain_image_size": (16, None), "data.brain_pool": (1, 4),
     "model.rep_dim": (1, None), "model.dropout": (0, 1),
     "method.ohem_thresh": (0, 1), "method.drop_percent": (0, 100), "method.ema_decay": (0, 1),
     "method.high_threshold": (0, 1), "method.low_threshold": (0, 1), "method.pseudo_threshold": (0, 1),

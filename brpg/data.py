@@ -472,7 +472,7 @@ def dataset_root(cfg: Config) -> Path:
                                  d.demo_num_val, d.demo_num_labeled)
     if d.dataset == "brain":
         from brpg.brain import make_brain_dataset
-        return make_brain_dataset(default_cache_dir(d.cache_dir), d.brain_num_labeled, d.brain_image_size)
+        return make_brain_dataset(default_cache_dir(d.cache_dir), d.brain_num_labeled, d.brain_image_size, d.brain_pool)
     if not d.root: raise DatasetError(f"config key data.root is empty; dataset '{d.dataset}' needs its root folder")
     root = Path(d.root).expanduser()
     if not root.is_dir(): raise DatasetError(f"config key data.root: folder '{root}' not found (dataset '{d.dataset}')")
