@@ -52,3 +52,16 @@ def test_summary_and_paired_delta():
 def test_demo_cli_rejects_unknown_method():
     r = subprocess.run([sys.executable, "-m", "brpg.cli", "demo", "--methods", "unimatch", "--out", "/tmp/x"], capture_output=True, text=True)
     assert r.returncode == 2 and "unimatch" in r.stderr and "brpg_no_apo" in r.stderr
+
+
+def test_study_on_a_dataset_without_test_split(tmp_path):
+    "The digits demo has no test split: the table says n/a there and the figure falls back to val images."
+    from brpg.trainer import tiny_demo_config  # noqa: F401  (tiny demo sizes below mirror it)
+    ov = ["data.demo_num_images=48", "data.demo_num_labeled=8", "data.demo_num_val=8", "data.demo_image_size=40",
+          "data.crop_size=33", "method.grid_num=8", "model.aspp_dilations=[1,2,3]", "trainer.epochs=3", "trainer.progress=false",
+          "trainer.tensorboard=false", "data.num_workers=0", f"data.cache_dir={tmp_path / 'cache'}"]
+    res = run_study(tmp_path / "out", "demo", ("supervised",), iters=3, overrides=ov, n_examples=2, log=lambda m: None)
+    r = res["runs"][0]
+    assert "test_miou" not in r and r["val_best_miou"] is not None
+    assert "| supervised only | 1 | n/a |" in (tmp_path / "out" / "results.md").read_text()
+    assert (tmp_path / "out" / "predictions.png").is_file()
