@@ -51,4 +51,4 @@ def test_two_process_ddp_identical_state(tmp_path):
     assert a["losses"] != b["losses"]                      # the ranks really saw different batches
     assert a["summary"]["best_miou"] == b["summary"]["best_miou"]    # metrics reduced across ranks
     # only rank 0 writes the run directory
-    assert sorted(os.listdir(out)) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl", "weights.json"]
