@@ -56,7 +56,6 @@ def test_demo_cli_rejects_unknown_method():
 
 def test_study_on_a_dataset_without_test_split(tmp_path):
     "The digits demo has no test split: the table says n/a there and the figure falls back to val images."
-    from brpg.trainer import tiny_demo_config  # noqa: F401  (tiny demo sizes below mirror it)
     ov = ["data.demo_num_images=48", "data.demo_num_labeled=8", "data.demo_num_val=8", "data.demo_image_size=40",
           "data.crop_size=33", "method.grid_num=8", "model.aspp_dilations=[1,2,3]", "trainer.epochs=3", "trainer.progress=false",
           "trainer.tensorboard=false", "data.num_workers=0", f"data.cache_dir={tmp_path / 'cache'}"]
