@@ -1,0 +1,72 @@
+"""Runs stay bit-identical across refactors: each method's loss sequence and final weights are compared with a
+fixture recorded before the methods moved into `brpg.methods` (tests/assets/reference_runs.json).
+
+Re-record only on purpose (a change that is meant to alter training): `BRPG_RECORD_REFERENCE=1 pytest
+tests/test_reference_runs.py`."""
+import hashlib, json, os
+from pathlib import Path
+
+import pytest
+import torch
+
+from brpg.trainer import Trainer, tiny_demo_config
+
+FIXTURE = Path(__file__).parent / "assets" / "reference_runs.json"
+RUNS = {
+    "supervised": ("supervised", []),
+    "mean_teacher": ("mean_teacher", []),
+    "brpg": ("brpg", []),
+    # the other branches: gradient accumulation, no teacher BN forward, re-clustering from live queues, random queues
+    "brpg_variant": ("brpg", ["trainer.grad_accum=2", "method.teacher_bn_train_forward=false",
+                              "method.recluster_every=1", "method.confidence_split=false"]),
+}
+LOSS_KEYS = ("loss", "loss_sup", "loss_unsup", "loss_proto")
+
+
+def _digest(obj) -> str:
+    "sha256 over every tensor of a (nested) state, in key order; exact bit equality."
+    h = hashlib.sha256()
+    def walk(x, where=""):
+        if isinstance(x, dict):
+            for k in sorted(x, key=str): walk(x[k], f"{where}.{k}")
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x): walk(v, f"{where}[{i}]")
+        elif isinstance(x, torch.Tensor):
+            h.update(where.encode()); h.update(str(x.dtype).encode()); h.update(x.detach().cpu().contiguous().numpy().tobytes())
+        elif x is not None:
+            h.update(where.encode()); h.update(repr(x).encode())
+    walk(obj)
+    return h.hexdigest()
+
+
+def run_record(tmp_path, name):
+    "Train one reference run; its losses per iteration and digests of what the checkpoint holds."
+    method, extra = RUNS[name]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                        # float reductions depend on the thread count
+    try:
+        tr = Trainer(tiny_demo_config(method, extra), out_dir=tmp_path / name)
+        tr.fit(); tr.close()
+    finally: torch.set_num_threads(threads)
+    recs = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    losses = [[r["iteration"]] + [r.get(k) for k in LOSS_KEYS] for r in recs if r["type"] == "train"]
+    ck = torch.load(tmp_path / name / "last.pt", map_location="cpu", weights_only=True)
+    parts = {k: _digest(ck.get(k)) for k in ("student", "teacher", "bank", "queues")}
+    parts["momentum"] = _digest([s["momentum_buffer"] for s in ck["optimizer"]["state"].values()])
+    return {"losses": losses, "state": parts, "val": [r["miou"] for r in recs if r["type"] == "val"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RUNS))
+def test_run_matches_reference(tmp_path, name):
+    got = run_record(tmp_path, name)
+    if os.environ.get("BRPG_RECORD_REFERENCE") == "1":
+        ref = json.loads(FIXTURE.read_text()) if FIXTURE.exists() else {}
+        ref[name] = got
+        FIXTURE.write_text(json.dumps(ref, indent=1, sort_keys=True) + "\n")
+        pytest.skip(f"recorded {name}")
+    ref = json.loads(FIXTURE.read_text())[name]
+    assert got["losses"] == ref["losses"], f"{name}: loss sequence changed"
+    assert got["state"] == ref["state"], f"{name}: final state changed in " + ", ".join(
+        k for k in ref["state"] if got["state"][k] != ref["state"][k])
+    assert got["val"] == ref["val"], f"{name}: validation mIoU changed"
