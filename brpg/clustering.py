@@ -22,6 +22,7 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     x = x ^ (x >> 13); x = (x * 0x297A2D39) & _M32
     return x ^ (x >> 16)
 
+# %% ../nbs/05_clustering.ipynb #c04a8971
 def hash_uniform(seed: int, *keys: torch.Tensor, device=None) -> torch.Tensor:
     "Uniform floats in (0,1), a pure function of `seed` and the (broadcast) integer tensors `keys`."
     h = _mix32(torch.tensor(int(seed) & _M32, dtype=torch.long, device=device))
@@ -35,15 +36,18 @@ class KMeansResult(NamedTuple):
     labels: torch.Tensor       # long [G, N]: centre index per row, -1 for masked rows
     inertia: torch.Tensor      # [G] float32: sum of squared distances of valid rows to their centre
 
+# %% ../nbs/05_clustering.ipynb #7c5d8d8b
 def _sqdist(x, xx, c):
     "Squared distances `[G, N, M]` between rows `x[G,N,D]` (norms `xx[G,N]`) and centres `c[G,M,D]`."
     d = torch.baddbmm(xx[:, :, None], x, c.transpose(1, 2), alpha=-2.0)
     return (d + (c * c).sum(-1)[:, None, :]).clamp_min_(0)
 
+# %% ../nbs/05_clustering.ipynb #dc8d24fa
 def _n_trials(k: torch.Tensor) -> torch.Tensor:
     "Local trials of greedy k-means++ per group, as scikit-learn: 2 + floor(ln k)."
     return 2 + torch.log(k.clamp_min(1).float()).floor().long()   # ln k is never an integer for k > 1
 
+# %% ../nbs/05_clustering.ipynb #80476fe7
 def _kmeanspp(x, xx, valid, R, K, seed, k=None):
     """Greedy k-means++ for every (group, restart): centre row indices `[G, R, K]`.
     `k long[G]` (default K) sets each group's number of local trials, so a group's picks do not depend on kmax."""
@@ -76,6 +80,7 @@ def _kmeanspp(x, xx, valid, R, K, seed, k=None):
         closest = torch.gather(newc, 3, best[:, None, :, None].expand(G, N, R, 1))[..., 0]
     return torch.stack(idx, -1)
 
+# %% ../nbs/05_clustering.ipynb #16788135
 def _assign(x, xx, valid, c, slot_ok):
     "Nearest valid slot per row and restart: `(dmin[G,N,R], lab[G,N,R])`, dmin 0 on masked rows."
     G, R, K, D = c.shape
@@ -84,6 +89,7 @@ def _assign(x, xx, valid, c, slot_ok):
     dmin, lab = d.min(-1)
     return torch.where(valid[:, :, None], dmin, torch.zeros_like(dmin)), lab
 
+# %% ../nbs/05_clustering.ipynb #ba46645e
 def _lloyd(x, xx, valid, c, slot_ok, iters, tol, check_every):
     "Lloyd iterations on centres `c[G,R,K,D]`; a (group, restart) freezes once its inertia change <= tol."
     G, R, K, D = c.shape

@@ -10,15 +10,26 @@ from pathlib import Path
 import yaml
 
 # %% auto #0
-__all__ = ['CONFIG_DIR', 'F', 'DataConfig', 'ModelConfig', 'MethodConfig', 'TrainerConfig', 'EvalConfig', 'Config', 'ConfigError',
-           'validate_config', 'derive_grid_num', 'grid_num_for', 'check_crop_keys', 'config_from_dict',
-           'apply_overrides', 'resolve_config_path', 'load_config', 'save_config', 'describe_config']
+__all__ = ['CONFIG_DIR', 'method_choices', 'method_has', 'F', 'DataConfig', 'ModelConfig', 'MethodConfig', 'TrainerConfig',
+           'EvalConfig', 'Config', 'ConfigError', 'validate_config', 'derive_grid_num', 'grid_num_for',
+           'check_crop_keys', 'config_from_dict', 'apply_overrides', 'resolve_config_path', 'load_config',
+           'save_config', 'describe_config']
 
 # %% ../nbs/00_config.ipynb #b33eff2f
+def method_choices() -> tuple:
+    "The registered method names (`brpg.methods.METHODS`: the built-in three plus any registered since)."
+    from brpg.methods import METHODS
+    return tuple(METHODS)
+
+def method_has(name: str, trait: str) -> bool:
+    "A class attribute of registered method `name` (`uses_unlabeled`, `uses_prototypes`); False if unknown."
+    from brpg.methods import METHODS
+    return bool(getattr(METHODS.get(name), trait, False))
+
 def F(default, help: str, choices=None):
     "A dataclass field with a one-line `help` text and optional allowed `choices`."
     meta = {"help": help}
-    if choices is not None: meta["choices"] = tuple(choices)
+    if choices is not None: meta["choices"] = choices if callable(choices) else tuple(choices)  # callable: asked at use
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -80,7 +91,7 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     "The SSL method: losses, mean teacher, and every prototype knob of CPG / APO / EMA (§1, §4, §5)."
-    name: str = F("brpg", "which method to train", choices=("supervised", "mean_teacher", "brpg"))
+    name: str = F("brpg", "which method to train (a name registered in brpg.methods)", choices=method_choices)
     # supervised loss L_s (§1.3)
     ce_weight: float = F(0.5, "weight of plain CE in L_s")
     ohem_weight: float = F(0.5, "weight of OHEM CE in L_s")
@@ -181,6 +192,7 @@ class Config:
 class ConfigError(ValueError):
     "A configuration problem; the message names the key and the value at fault."
 
+# %% ../nbs/00_config.ipynb #aabb4055
 _RANGES = {  # key: (lo, hi) inclusive; None = unbounded
     "data.num_classes": (0, None), "data.crop_size": (1, None), "data.flip_prob": (0, 1),
     "data.cutmix_prob": (0, 1), "data.color_jitter_prob": (0, 1), "data.grayscale_prob": (0, 1),
@@ -201,6 +213,7 @@ _RANGES = {  # key: (lo, hi) inclusive; None = unbounded
     "eval.crop_size": (1, None), "eval.stride": (0, None), "eval.batch_size": (1, None),
 }
 
+# %% ../nbs/00_config.ipynb #808e19cd
 def _check_value(key, f, v):
     "Check one field value `v` of field `f` (dotted name `key`); raise `ConfigError` naming both."
     want = type(f.default) if f.default is not dataclasses.MISSING else list
@@ -208,7 +221,7 @@ def _check_value(key, f, v):
     if want is list and isinstance(v, tuple): v = list(v)
     if not isinstance(v, want) or (want is not bool and isinstance(v, bool)):
         raise ConfigError(f"config key '{key}': expected {want.__name__}, got {type(v).__name__} {v!r}")
-    ch = f.metadata.get("choices")
+    ch = f.metadata.get("choices"); ch = ch() if callable(ch) else ch
     if ch is not None and v not in ch:
         raise ConfigError(f"config key '{key}': value {v!r} is not one of {list(ch)}")
     if key in _RANGES:
@@ -217,6 +230,7 @@ def _check_value(key, f, v):
             raise ConfigError(f"config key '{key}': value {v!r} is outside [{lo}, {hi if hi is not None else 'inf'}]")
     return v
 
+# %% ../nbs/00_config.ipynb #0554bef2
 def validate_config(cfg: Config):
     "Check every field of `cfg` and the cross-field rules; raise `ConfigError` on the first problem."
     for sec in fields(cfg):
@@ -232,6 +246,7 @@ def validate_config(cfg: Config):
     if d.ignore_index < d.num_classes: raise ConfigError(f"config key 'data.ignore_index': {d.ignore_index} collides with a class id (< data.num_classes={d.num_classes})")
     return cfg
 
+# %% ../nbs/00_config.ipynb #40bb3a09
 def derive_grid_num(crop_size: int, max_side: int = 33) -> int:
     "`method.grid_num: 0`: the grid whose step (crop-1)/grid_num is the smallest multiple of 4 giving <= max_side^2 points."
     n = crop_size - 1
@@ -240,21 +255,24 @@ def derive_grid_num(crop_size: int, max_side: int = 33) -> int:
                           f"crop_size = 4k+1 to land on stride-4 features; use e.g. data.crop_size={max(5, 4 * round(n / 4) + 1)}")
     return next(n // s for s in range(4, n + 1, 4) if n % s == 0 and n // s + 1 <= max_side)
 
+# %% ../nbs/00_config.ipynb #bba404ad
 def grid_num_for(cfg: Config) -> int:
     "The labeled grid size used in training: `method.grid_num`, or the derived one when it is 0."
     return cfg.method.grid_num or derive_grid_num(cfg.data.crop_size)
 
+# %% ../nbs/00_config.ipynb #c9af85ea
 def check_crop_keys(cfg: Config, warn: bool = True) -> Config:
     """Crop-dependent keys of BRPG: the labeled grid must land on stride-4 features ((crop-1)/grid_num = 4k), and
     (warning) the largest ASPP dilation should not exceed the stride-8/16 feature map side ceil(crop/output_stride)."""
     d, m, mo = cfg.data, cfg.method, cfg.model
     c, g = d.crop_size, m.grid_num
-    if m.name == "brpg" and g > 0 and ((c - 1) % g or ((c - 1) // g) % 4):
+    protos = method_has(m.name, "uses_prototypes")
+    if protos and g > 0 and ((c - 1) % g or ((c - 1) // g) % 4):
         if (c - 1) % 4 == 0 and c > 4: fix = f"method.grid_num={derive_grid_num(c)} (or 0 = derive from the crop)"
         else: fix = f"data.crop_size={math.ceil((c - 1) / (4 * g)) * 4 * g + 1} for this grid (or method.grid_num=0 with a 4k+1 crop)"
         raise ConfigError(f"config keys 'data.crop_size' = {c} and 'method.grid_num' = {g} disagree: (crop_size-1)/grid_num must be "
                           f"a multiple of 4 so the labeled grid lands on stride-4 features; use {fix}")
-    if m.name == "brpg" and g == 0: derive_grid_num(c)       # raises for a crop without a stride-4 grid
+    if protos and g == 0: derive_grid_num(c)       # raises for a crop without a stride-4 grid
     if warn and mo.arch == "deeplabv3plus" and mo.aspp_dilations:
         side, top = math.ceil(c / mo.output_stride), max(mo.aspp_dilations)
         if top > side:
@@ -272,6 +290,7 @@ def _closest(name, options):
 def _all_keys():
     return [f"{s.name}.{f.name}" for s in fields(Config) for f in fields(s.default_factory)]
 
+# %% ../nbs/00_config.ipynb #63244695
 def config_from_dict(d: dict | None, source: str = "<dict>") -> Config:
     "Build a validated `Config` from a nested dict; unknown sections/keys raise `ConfigError` naming `source`."
     d = d or {}
@@ -289,6 +308,7 @@ def config_from_dict(d: dict | None, source: str = "<dict>") -> Config:
     try: return check_crop_keys(Config(**kw))
     except ConfigError as e: raise ConfigError(f"{source}: {e}") from None
 
+# %% ../nbs/00_config.ipynb #244d04eb
 def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
     "Return a copy of `cfg` with `section.key=value` overrides applied (values parsed as YAML)."
     d = cfg.to_dict()
@@ -317,6 +337,7 @@ def resolve_config_path(path) -> Path:
     shipped = sorted(str(q.relative_to(CONFIG_DIR))[:-5] for q in CONFIG_DIR.rglob("*.yaml")) if CONFIG_DIR.exists() else []
     raise ConfigError(f"config file '{path}' not found (shipped configs: {', '.join(shipped) or 'none'})")
 
+# %% ../nbs/00_config.ipynb #d91007b2
 def _merge(base: dict, over: dict) -> dict:
     "Recursive dict merge: values of `over` win."
     out = dict(base)
@@ -324,6 +345,7 @@ def _merge(base: dict, over: dict) -> dict:
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
+# %% ../nbs/00_config.ipynb #7ee15c1b
 def _read_yaml(p: Path, seen=()) -> dict:
     "Read a config file, following its optional `_base_` (a path relative to the file) first."
     if p in seen: raise ConfigError(f"{p}: circular _base_ chain {[str(s) for s in seen]}")
@@ -336,6 +358,7 @@ def _read_yaml(p: Path, seen=()) -> dict:
     if not bp.exists(): raise ConfigError(f"{p}: _base_ file '{base}' not found (looked at {bp})")
     return _merge(_read_yaml(bp, seen + (p,)), d)
 
+# %% ../nbs/00_config.ipynb #6a2328f8
 def load_config(path=None, overrides: list[str] | None = None) -> Config:
     "Load a YAML config file (or shipped config name), apply dotted `overrides`, validate."
     if path is None: cfg = Config()
@@ -344,6 +367,7 @@ def load_config(path=None, overrides: list[str] | None = None) -> Config:
         cfg = config_from_dict(_read_yaml(p.resolve()), source=str(p))
     return apply_overrides(cfg, overrides)
 
+# %% ../nbs/00_config.ipynb #bdc3bfc4
 def save_config(cfg: Config, path):
     "Write `cfg` as YAML (the full config, so a run directory documents itself)."
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -356,7 +380,7 @@ def describe_config(cfg: Config | None = None) -> str:
     for s in fields(cfg):
         sub = getattr(cfg, s.name)
         for f in fields(sub):
-            ch = f.metadata.get("choices")
+            ch = f.metadata.get("choices"); ch = ch() if callable(ch) else ch
             more = f" (choices: {', '.join(map(str, ch))})" if ch else ""
             lines.append(f"{s.name}.{f.name} = {getattr(sub, f.name)!r}  # {f.metadata.get('help','')}{more}")
     return "\n".join(lines)

@@ -15,18 +15,17 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset, DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from PIL import Image, ImageFilter, UnidentifiedImageError
-from .config import Config, DataConfig, ConfigError, load_config
+from .config import Config, DataConfig, ConfigError, load_config, method_has
 
 # %% auto #0
-__all__ = ['VOC_CLASSES', 'CITYSCAPES_CLASSES', 'COCO_CLASSES', 'DEMO_CLASSES', 'IMG_EXTS', 'DEMO_VERSION', 'DEMO_HUE_JITTER',
-           'voc_palette', 'colorize', 'normalize', 'denormalize', 'DatasetError', 'Sample', 'read_split',
-           'cityscapes_label_path', 'parse_line', 'read_samples', 'load_image', 'load_mask', 'check_mask', 'draw_scale',
-           'pad_crop', 'labeled_transform', 'color_jitter', 'gaussian_blur', 'unlabeled_transform', 'val_transform',
-           'SegDataset', 'LabeledDataset', 'UnlabeledDataset', 'ValDataset', 'default_cache_dir', 'make_demo_dataset',
-           'Catalog', 'resolve_num_classes', 'dataset_root', 'dataset_catalog', 'validate_dataset', 'build_datasets',
-           'image_modes', 'data_report', 'mix_seed', 'resample_indices', 'Resampled', 'SeededSampler', 'ShardSampler',
-           'seed_worker', 'pad_collate', 'build_loaders', 'cutmix_masks', 'apply_cutmix', 'training_pool',
-           'write_splits', 'splits_main']
+__all__ = ['VOC_CLASSES', 'CITYSCAPES_CLASSES', 'COCO_CLASSES', 'DEMO_CLASSES', 'IMG_EXTS', 'voc_palette', 'colorize',
+           'normalize', 'denormalize', 'DatasetError', 'Sample', 'read_split', 'cityscapes_label_path', 'parse_line',
+           'read_samples', 'load_image', 'load_mask', 'check_mask', 'draw_scale', 'pad_crop', 'labeled_transform',
+           'color_jitter', 'gaussian_blur', 'unlabeled_transform', 'val_transform', 'SegDataset', 'LabeledDataset',
+           'UnlabeledDataset', 'ValDataset', 'default_cache_dir', 'Catalog', 'resolve_num_classes', 'dataset_root',
+           'dataset_catalog', 'validate_dataset', 'build_datasets', 'image_modes', 'data_report', 'mix_seed',
+           'resample_indices', 'Resampled', 'SeededSampler', 'ShardSampler', 'seed_worker', 'pad_collate',
+           'build_loaders', 'cutmix_masks', 'apply_cutmix']
 
 # %% ../nbs/01_data.ipynb #4556928b
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -319,104 +318,13 @@ class ValDataset(SegDataset):
         x, m = val_transform(img, m, self.dc)
         return {"image": x, "mask": m, "id": self.samples[i].id}
 
-# %% ../nbs/01_data.ipynb #ac6a7123
-DEMO_VERSION = 3
-DEMO_HUE_JITTER = 0.035  # std of the per-digit hue around its class hue (classes are 0.1 apart)
-
+# %% ../nbs/01_data.ipynb #f3651d98
 def default_cache_dir(cache_dir: str = "") -> Path:
     "`cache_dir`, or $BRPG_CACHE, or ~/.cache/brpg."
     return Path(cache_dir or os.environ.get("BRPG_CACHE", "") or "~/.cache/brpg").expanduser()
 
-def _smoothstep(a, lo, hi):
-    t = np.clip((a - lo) / (hi - lo), 0, 1)
-    return t * t * (3 - 2 * t)
-
-def _demo_sources():
-    from sklearn.datasets import load_digits, load_sample_images
-    d = load_digits()
-    photos = [np.asarray(p) for p in load_sample_images().images]
-    return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64), photos
-
-def _demo_image(rng: np.random.Generator, size: int, digits, targets, pool, photos):
-    "One composite image uint8 [size,size,3] and its label map uint8 [size,size]."
-    ph = photos[rng.integers(len(photos))]
-    H, W = ph.shape[:2]
-    side = int(rng.integers(min(size, H, W), min(H, W) + 1))
-    y, x = int(rng.integers(0, H - side + 1)), int(rng.integers(0, W - side + 1))
-    bg = Image.fromarray(ph[y:y + side, x:x + side]).resize((size, size), Image.BILINEAR)
-    img = np.asarray(bg, np.float32)[:, :, rng.permutation(3)]
-    if rng.random() < 0.5: img = img[:, ::-1]
-    img = img * rng.uniform(0.6, 1.2) + rng.uniform(-30, 30)
-    img = np.ascontiguousarray(img)
-    lab = np.zeros((size, size), np.uint8)
-    lo = max(6, round(size * 0.2)); hi = max(lo, round(size * 0.5))
-    for _ in range(int(rng.integers(2, 6))):
-        k = int(pool[rng.integers(len(pool))])
-        s = int(rng.integers(lo, hi + 1))
-        a = np.asarray(Image.fromarray(digits[k], "F").resize((s, s), Image.BICUBIC))
-        a = _smoothstep(a, 0.1, 0.5)
-        y0, x0 = int(rng.integers(-s // 4, size - 3 * s // 4 + 1)), int(rng.integers(-s // 4, size - 3 * s // 4 + 1))
-        ys, xs = slice(max(y0, 0), min(y0 + s, size)), slice(max(x0, 0), min(x0 + s, size))
-        a = a[ys.start - y0: ys.stop - y0, xs.start - x0: xs.stop - x0]
-        under = img[ys, xs][a >= 0.5].reshape(-1, 3).mean(0) if (a >= 0.5).any() else img[ys, xs].reshape(-1, 3).mean(0)
-        # each digit class has its own hue (10 hues around the wheel, jittered so neighbours overlap): a cue a
-        # network picks up fast, while telling neighbouring hues apart still needs the digit's shape
-        hue = (targets[k] / 10 + rng.normal(0, DEMO_HUE_JITTER)) % 1.0
-        for _ in range(8):  # a saturation / value that stands out from what it covers
-            colour = 255 * np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.55, 1.0)), np.float32)
-            if np.abs(colour - under).sum() > 150: break
-        shade = 1 + rng.uniform(-0.25, 0.25) * np.linspace(-1, 1, a.shape[1], dtype=np.float32)[None, :, None]
-        op = rng.uniform(0.85, 1.0) * a[..., None]
-        img[ys, xs] = img[ys, xs] * (1 - op) + np.clip(colour * shade, 0, 255) * op
-        lab[ys, xs][a >= 0.5] = targets[k] + 1
-    img = img + rng.normal(0, 4, img.shape).astype(np.float32)
-    out = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-    if rng.random() < 0.3: out = out.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 0.8))))
-    return np.asarray(out), lab
-
 def _write_mask(m: np.ndarray, path):
     im = Image.fromarray(m, "P"); im.putpalette(voc_palette().flatten().tolist()); im.save(path, compress_level=1)
-
-def _generate_demo(out: Path, num_images: int, size: int, seed: int, num_val: int, num_labeled: int):
-    digits, targets, photos = _demo_sources()
-    idx = np.arange(len(digits))
-    val_pool, train_pool = idx[idx % 5 == 0], idx[idx % 5 != 0]
-    (out / "images").mkdir(parents=True); (out / "masks").mkdir(); (out / "splits").mkdir()
-    ids = [f"{i:05d}" for i in range(num_images)]
-    for i, sid in enumerate(ids):
-        rng = np.random.default_rng([seed, i])
-        img, lab = _demo_image(rng, size, digits, targets, val_pool if i < num_val else train_pool, photos)
-        Image.fromarray(img).save(out / "images" / f"{sid}.png", compress_level=1)
-        _write_mask(lab, out / "masks" / f"{sid}.png")
-    (out / "classes.txt").write_text("\n".join(DEMO_CLASSES) + "\n")
-    (out / "splits" / "val.txt").write_text("\n".join(ids[:num_val]) + "\n")
-    (out / "splits" / "labeled.txt").write_text("\n".join(ids[num_val:num_val + num_labeled]) + "\n")
-    (out / "splits" / "unlabeled.txt").write_text("\n".join(ids[num_val + num_labeled:]) + "\n")
-
-def make_demo_dataset(root=None, num_images: int = 400, size: int = 96, seed: int = 0,
-                      num_val: int = 80, num_labeled: int = 20) -> Path:
-    "Generate (once; cached under `root` by a hash of the parameters) the demo dataset; returns its folder."
-    if num_val < 1 or num_labeled < 1 or num_val + num_labeled >= num_images:
-        raise ConfigError(f"demo dataset: need demo_num_val >= 1, demo_num_labeled >= 1 and their sum ({num_val} + {num_labeled}) "
-                          f"< demo_num_images ({num_images}) so that some images are unlabeled")
-    if size < 16: raise ConfigError(f"demo dataset: demo_image_size {size} is too small (need >= 16)")
-    params = dict(version=DEMO_VERSION, num_images=num_images, size=size, seed=seed, num_val=num_val, num_labeled=num_labeled)
-    key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    root = default_cache_dir(str(root) if root else "")
-    out = root / f"demo-{key}"
-    if (out / "meta.json").is_file(): return out
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".demo-{key}-", dir=root))
-    try:
-        _generate_demo(tmp, num_images, size, seed, num_val, num_labeled)
-        (tmp / "meta.json").write_text(json.dumps(params, indent=1))
-        if out.exists() and not (out / "meta.json").is_file(): shutil.rmtree(out, ignore_errors=True)  # debris
-        try: os.rename(tmp, out)
-        except OSError:
-            if not (out / "meta.json").is_file(): raise  # else another process finished first: use its copy
-    finally:
-        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 # %% ../nbs/01_data.ipynb #88ef238e
 @dataclass
@@ -468,6 +376,7 @@ def dataset_root(cfg: Config) -> Path:
     "The dataset root; generates the demo or brain dataset when `cfg.data.dataset` names one."
     d = cfg.data
     if d.dataset == "demo":
+        from brpg.demo_data import make_demo_dataset
         return make_demo_dataset(default_cache_dir(d.cache_dir), d.demo_num_images, d.demo_image_size, d.demo_seed,
                                  d.demo_num_val, d.demo_num_labeled)
     if d.dataset == "brain":
@@ -533,7 +442,7 @@ def dataset_catalog(cfg: Config) -> Catalog:
     lists = {}
     for name, with_mask in (("labeled", True), ("unlabeled", False)):
         p = split_dir / f"{name}.txt"
-        if name == "unlabeled" and not p.exists() and cfg.method.name == "supervised":
+        if name == "unlabeled" and not p.exists() and not method_has(cfg.method.name, "uses_unlabeled"):
             lists[name] = []; continue                       # supervised-only training needs no unlabeled split
         try: lists[name] = read_samples(p, layout, root, with_mask, index)
         except DatasetError as e:
@@ -684,7 +593,7 @@ def build_loaders(cfg: Config, datasets: dict, rank: int = 0, world_size: int = 
     d = cfg.data
     seed = cfg.trainer.seed if seed is None else int(seed)
     lab, unl, val = datasets["labeled"], datasets["unlabeled"], datasets["val"]
-    no_unl = len(unl) == 0 and cfg.method.name == "supervised"   # supervised-only: epochs over the labeled set
+    no_unl = len(unl) == 0 and not method_has(cfg.method.name, "uses_unlabeled")   # supervised-only: epochs over the labeled set
     for name, ds_ in (("labeled", lab), ("unlabeled", unl), ("val", val)):
         if len(ds_) == 0 and not (name == "unlabeled" and no_unl): raise DatasetError(f"the {name} dataset is empty")
     lab_r = lab if no_unl else Resampled(lab, resample_indices(len(lab), len(unl), seed))
@@ -727,81 +636,3 @@ def apply_cutmix(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"apply_cutmix: x {tuple(x.shape)} does not match mask {tuple(mask.shape)}")
     m = mask.view(B, *([1] * (x.dim() - 3)), H, W)
     return torch.where(m, x.roll(-1, dims=0), x)
-
-# %% ../nbs/01_data.ipynb #6c8c3fc9
-def training_pool(cfg: Config) -> tuple[list[str], list[bool]]:
-    """Split lines of every training image of `cfg.data`'s dataset, and whether each has a mask (can be labeled).
-    VOC: the ids of `ImageSets/Segmentation/train.txt` when it exists (minus val ids, those with a mask), else every mask."""
-    d = cfg.data
-    root = dataset_root(cfg)
-    layout = "folder" if d.dataset in ("demo", "brain", "folder") else d.dataset
-    vp = _val_path(cfg, layout, root, _split_dir(cfg, root))
-    vids = {parse_line(layout, root, f, False, "").id for _, f in read_split(vp)} if vp is not None and vp.is_file() else set()
-    if layout == "voc":
-        mdir = root / _voc_mask_dir(root)
-        train = root / "ImageSets" / "Segmentation" / "train.txt"
-        if train.is_file():   # the official training list, minus val ids, only ids with a mask
-            listed = dict.fromkeys(Path(f[0]).stem for _, f in read_split(train))
-            ids = sorted(i for i in listed if i not in vids and (mdir / f"{i}.png").exists())
-        else:
-            ids = sorted(p.stem for p in mdir.glob("*.png") if p.stem not in vids and (root / "JPEGImages" / f"{p.stem}.jpg").exists())
-        return ids, [True] * len(ids)
-    if layout == "cityscapes":
-        files = sorted(p.relative_to(root).as_posix() for p in (root / "leftImg8bit" / "train").glob("*/*_leftImg8bit.png"))
-        return files, [(root / cityscapes_label_path(f)).exists() for f in files]
-    if layout == "coco":
-        files = sorted((root / "train2017").glob("*.jpg"))
-        return ([f"train2017/{p.name} masks/{p.stem}.png" for p in files], [(root / "masks" / f"{p.stem}.png").exists() for p in files])
-    idx = _folder_index(root)
-    stems = sorted({p.stem for p in idx.values()} - vids)
-    return stems, [(root / "masks" / f"{s}.png").exists() for s in stems]
-
-def write_splits(source, n_labeled: int, seed: int = 0, out_dir=None) -> tuple[Path, Path]:
-    "Write seeded `labeled.txt` / `unlabeled.txt` for `n_labeled` images of `source` (a Config or a list of split lines)."
-    if isinstance(source, Config):
-        lines, can = training_pool(source)
-        if out_dir is None:
-            d = source.data
-            if d.dataset in ("demo", "brain") and not d.split_dir:
-                raise DatasetError("write_splits: give an output folder for the demo dataset (its cached splits are left as generated)")
-            out_dir = _split_dir(source, dataset_root(source))
-        what = f"dataset '{source.data.dataset}'"
-    else:
-        lines = [str(s).strip() for s in source if str(s).strip()]; can = [True] * len(lines)
-        what = "the given list"
-        if out_dir is None: raise DatasetError("write_splits: out_dir is required when the source is a list of lines")
-    if len(set(lines)) != len(lines): raise DatasetError(f"write_splits: {what} lists some images twice")
-    labelable = [l for l, c in zip(lines, can) if c]
-    if not 0 < n_labeled <= len(labelable):
-        raise DatasetError(f"write_splits: n_labeled = {n_labeled} but {what} has {len(labelable)} images with masks "
-                           f"({len(lines)} in its training pool)")
-    labeled = sorted(random.Random(seed).sample(sorted(labelable), n_labeled))
-    chosen = set(labeled)
-    unlabeled = [l for l in lines if l not in chosen]
-    out = Path(out_dir).expanduser(); out.mkdir(parents=True, exist_ok=True)
-    pl, pu = out / "labeled.txt", out / "unlabeled.txt"
-    for p, ls in ((pl, labeled), (pu, unlabeled)):
-        tmp = p.with_name(p.name + f".tmp{os.getpid()}")
-        tmp.write_text("\n".join(ls) + ("\n" if ls else "")); os.replace(tmp, p)
-    return pl, pu
-
-def splits_main(args: list[str] | None = None) -> int:
-    "`brpg splits`: write seeded labeled/unlabeled split files. Returns the exit code."
-    ap = argparse.ArgumentParser(prog="brpg splits", description="Write seeded labeled.txt / unlabeled.txt for N labeled images.")
-    ap.add_argument("--config", default=None, help="config file or shipped config name (e.g. voc/classic_366)")
-    ap.add_argument("--dataset", default=None, choices=DataConfig.__dataclass_fields__["dataset"].metadata["choices"])
-    ap.add_argument("--root", default=None, help="dataset root (overrides data.root)")
-    ap.add_argument("--n-labeled", type=int, required=True, help="number of labeled images")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the labeled draw")
-    ap.add_argument("--out", default=None, help="output folder (default: data.split_dir, else <root>/splits; required for demo)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. data.demo_seed=1")
-    a = ap.parse_args(args)
-    try:
-        ov = list(a.set) + ([f"data.dataset={a.dataset}"] if a.dataset else []) + ([f"data.root={a.root}"] if a.root else [])
-        cfg = load_config(a.config, ov)
-        pl, pu = write_splits(cfg, a.n_labeled, a.seed, a.out)
-    except (DatasetError, ConfigError) as e:
-        print(f"brpg splits: error: {e}", file=sys.stderr); return 2
-    nl, nu = len(read_split(pl)), (len(read_split(pu)) if pu.read_text().strip() else 0)
-    print(f"wrote {nl} labeled lines to {pl} and {nu} unlabeled lines to {pu} (seed {a.seed})")
-    return 0

@@ -17,6 +17,7 @@ def _masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     keep = keep.to(x.dtype)
     return (torch.where(keep > 0, x, torch.zeros_like(x)) * keep).sum() / keep.sum().clamp_min(1)
 
+# %% ../nbs/07_losses.ipynb #1eb9633f
 def _pixel_ce(logits: torch.Tensor, target: torch.Tensor, ignore_index: int):
     "Per-pixel CE (float32), the valid mask and the GT-class probability q (detached)."
     if logits.dim() != 4 or target.shape != (logits.shape[0],) + logits.shape[2:]:
@@ -28,6 +29,7 @@ def _pixel_ce(logits: torch.Tensor, target: torch.Tensor, ignore_index: int):
     lp = logp.gather(1, safe[:, None]).squeeze(1)
     return -lp, valid, lp.detach().exp()
 
+# %% ../nbs/07_losses.ipynb #3ccee811
 def _ohem_keep(valid: torch.Tensor, q: torch.Tensor, thresh: float, min_kept: int) -> torch.Tensor:
     "OHEM selection: valid pixels with q <= max(thresh, q_(min_kept)); all valid ones if fewer than min_kept."
     valid, q = valid.flatten(), q.flatten()
@@ -39,17 +41,20 @@ def _ohem_keep(valid: torch.Tensor, q: torch.Tensor, thresh: float, min_kept: in
     thr = torch.where(valid.sum() < min_kept, torch.full_like(thr, float("inf")), thr)
     return valid & (q <= thr)
 
+# %% ../nbs/07_losses.ipynb #389e70cb
 def ohem_ce(logits: torch.Tensor, target: torch.Tensor, thresh: float = 0.7, min_kept: int = 100000,
             ignore_index: int = 255) -> torch.Tensor:
     "OHEM CE (U2PL `ProbOhemCrossEntropy2d`): mean CE over valid pixels with GT prob <= max(thresh, q_(min_kept))."
     ce, valid, q = _pixel_ce(logits, target, ignore_index)
     return _masked_mean(ce.flatten(), _ohem_keep(valid, q, thresh, min_kept))
 
+# %% ../nbs/07_losses.ipynb #764bb140
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     "Mean CE over non-ignored pixels (0 instead of NaN when every pixel is ignored)."
     ce, valid, _ = _pixel_ce(logits, target, ignore_index)
     return _masked_mean(ce, valid)
 
+# %% ../nbs/07_losses.ipynb #c6f5fe69
 def supervised_loss(logits: torch.Tensor, target: torch.Tensor, method_cfg: MethodConfig,
                     ignore_index: int = 255) -> torch.Tensor:
     "L_s = ce_weight * CE + ohem_weight * OHEM on logits already upsampled to the label size (§1.3)."
@@ -65,11 +70,13 @@ def drop_percent_at(epoch: float, epochs: int, drop_percent: float = 80.0) -> fl
     "Entropy percentile of kept pixels at `epoch`: 100 - (100 - drop_percent) * (1 - epoch/epochs)."
     return 100.0 - (100.0 - drop_percent) * (1.0 - epoch / epochs)
 
+# %% ../nbs/07_losses.ipynb #deeca87f
 def entropy_map(logits: torch.Tensor) -> torch.Tensor:
     "Per-pixel entropy `[B,H,W]` of softmax(logits[B,C,H,W]), as U2PL (`-Σ p log(p + 1e-10)`)."
     p = torch.softmax(logits.float(), dim=1)
     return -(p * torch.log(p + 1e-10)).sum(1)
 
+# %% ../nbs/07_losses.ipynb #e6df4d41
 def _percentile(values: torch.Tensor, valid: torch.Tensor, percent) -> torch.Tensor:
     "`np.percentile(values[valid], percent)` (linear interpolation) without leaving the device."
     v = torch.where(valid, values, torch.full_like(values, float("inf"))).flatten().sort().values
@@ -79,6 +86,7 @@ def _percentile(values: torch.Tensor, valid: torch.Tensor, percent) -> torch.Ten
     vlo, vhi = v[lo], v[hi]
     return torch.where(lo == hi, vlo, vlo + (vhi - vlo) * (pos - lo.to(v.dtype)))
 
+# %% ../nbs/07_losses.ipynb #7287cf22
 def u2pl_unsup_loss(logits: torch.Tensor, pseudo: torch.Tensor, entropy: torch.Tensor, percent: float,
                     ignore_index: int = 255) -> torch.Tensor:
     "L_u: drop pixels with entropy >= the `percent`-th percentile, CE over the rest times B*H*W/#kept (§1.4)."
@@ -110,6 +118,7 @@ def _proto_term(bank: PrototypeBank, feats: torch.Tensor, labels: torch.Tensor, 
         correct = ((logits.argmax(1) == safe) & keep).sum()
     return loss, n, correct, sims.detach()
 
+# %% ../nbs/07_losses.ipynb #85a1cf40
 def prototype_loss(bank: PrototypeBank, feats_l: torch.Tensor, labels_l: torch.Tensor, feats_u: torch.Tensor,
                    labels_u: torch.Tensor, temperature: float = 0.1, ignore_index: int = 255):
     "L_pro = mean CE over labeled pixels + mean CE over unlabeled pixels of the max-cosine logits; returns (loss, stats)."

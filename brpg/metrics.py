@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['SegMetric', 'boundary_width', 'erode', 'mask_boundary', 'BoundaryIoU', 'sliding_windows', 'center_crop', 'infer',
@@ -29,78 +30,93 @@ class _Counts:
 
     def _sizes(self) -> dict: raise NotImplementedError
 
-    def _ensure(self, device):
-        if self._t is None:
-            self._t = {n: torch.zeros(s, dtype=torch.long, device=device) for n, s in self._sizes().items()}
-        if self._reduced: raise RuntimeError(f"{type(self).__name__}.update() after reduce(); call reset() first")
-        return self._t
+# %% ../nbs/03_metrics.ipynb #af805288
+@patch
+def _ensure(self: _Counts, device):
+    if self._t is None:
+        self._t = {n: torch.zeros(s, dtype=torch.long, device=device) for n, s in self._sizes().items()}
+    if self._reduced: raise RuntimeError(f"{type(self).__name__}.update() after reduce(); call reset() first")
+    return self._t
 
-    def _check(self, pred, target):
-        if pred.shape != target.shape:
-            raise ValueError(f"{type(self).__name__}: pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
-        if pred.dtype.is_floating_point or target.dtype.is_floating_point:
-            raise ValueError(f"{type(self).__name__}: pred and target must be integer label maps (got {pred.dtype}, {target.dtype}); take argmax of logits first")
-        if target.device != pred.device: target = target.to(pred.device)
-        return pred, target
+# %% ../nbs/03_metrics.ipynb #934754d6
+@patch
+def _check(self: _Counts, pred, target):
+    if pred.shape != target.shape:
+        raise ValueError(f"{type(self).__name__}: pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+    if pred.dtype.is_floating_point or target.dtype.is_floating_point:
+        raise ValueError(f"{type(self).__name__}: pred and target must be integer label maps (got {pred.dtype}, {target.dtype}); take argmax of logits first")
+    if target.device != pred.device: target = target.to(pred.device)
+    return pred, target
 
-    def _count_invalid(self, t, pred, target):
-        C = self.num_classes
-        valid_t = target != self.ignore_index
-        bad = (valid_t & ((target < 0) | (target >= C))) | (valid_t & ((pred < 0) | (pred >= C)))
-        t["invalid"] += bad.sum()
-        return valid_t & ~bad
+# %% ../nbs/03_metrics.ipynb #27fe7163
+@patch
+def _count_invalid(self: _Counts, t, pred, target):
+    C = self.num_classes
+    valid_t = target != self.ignore_index
+    bad = (valid_t & ((target < 0) | (target >= C))) | (valid_t & ((pred < 0) | (pred >= C)))
+    t["invalid"] += bad.sum()
+    return valid_t & ~bad
 
-    def reduce(self):
-        "Sum the counts over all DDP ranks (no-op without an initialised process group or when already reduced)."
-        if self._reduced or not (dist.is_available() and dist.is_initialized()): return self
-        if self._t is None:
-            dev = self.device or (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu")
-            self._ensure(dev)
-        for n in sorted(self._t): dist.all_reduce(self._t[n], op=dist.ReduceOp.SUM)
-        self._reduced = True
-        return self
+# %% ../nbs/03_metrics.ipynb #36ab6761
+@patch
+def reduce(self: _Counts):
+    "Sum the counts over all DDP ranks (no-op without an initialised process group or when already reduced)."
+    if self._reduced or not (dist.is_available() and dist.is_initialized()): return self
+    if self._t is None:
+        dev = self.device or (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu")
+        self._ensure(dev)
+    for n in sorted(self._t): dist.all_reduce(self._t[n], op=dist.ReduceOp.SUM)
+    self._reduced = True
+    return self
 
-    def _counts(self):
-        t = {n: v.detach().cpu().double() for n, v in self._t.items()} if self._t is not None else \
-            {n: torch.zeros(s, dtype=torch.double) for n, s in self._sizes().items()}
-        if t["invalid"].item() > 0:
-            raise ValueError(f"{type(self).__name__}: {int(t['invalid'].item())} pixels had a label or prediction outside "
-                             f"[0, {self.num_classes}) that is not ignore_index={self.ignore_index}; check the dataset's label mapping")
-        return t
+# %% ../nbs/03_metrics.ipynb #a6e19ce3
+@patch
+def _counts(self: _Counts):
+    t = {n: v.detach().cpu().double() for n, v in self._t.items()} if self._t is not None else \
+        {n: torch.zeros(s, dtype=torch.double) for n, s in self._sizes().items()}
+    if t["invalid"].item() > 0:
+        raise ValueError(f"{type(self).__name__}: {int(t['invalid'].item())} pixels had a label or prediction outside "
+                         f"[0, {self.num_classes}) that is not ignore_index={self.ignore_index}; check the dataset's label mapping")
+    return t
 
 # %% ../nbs/03_metrics.ipynb #cfd94827
 class SegMetric(_Counts):
     "Confusion-matrix mIoU / per-class IoU / pixel accuracy, accumulated over batches and DDP ranks."
     def _sizes(self): return {"hist": (self.num_classes, self.num_classes), "invalid": ()}
 
-    def update(self, pred: torch.Tensor, target: torch.Tensor):
-        "Add a batch of label maps (`pred`, `target`: integer [B,H,W] or [H,W]; `ignore_index` pixels skipped)."
-        pred, target = self._check(pred, target)
-        t = self._ensure(pred.device); C = self.num_classes
-        ok = self._count_invalid(t, pred, target)
-        idx = (target.clamp(0, C - 1) * C + pred.clamp(0, C - 1)).flatten()
-        t["hist"].view(-1).index_add_(0, idx, ok.flatten().long())  # no boolean indexing / bincount: no host sync
-        return self
-
     @property
     def hist(self) -> torch.Tensor:
         "The confusion matrix (rows = target, columns = prediction)."
         return self._counts()["hist"].long()
 
-    def compute(self) -> dict:
-        "{'miou': mean IoU over classes present, 'iou': per-class list (NaN = absent), 'acc': pixel accuracy}."
-        h = self._counts()["hist"]
-        tp = h.diag(); union = h.sum(0) + h.sum(1) - tp
-        iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
-        n = h.sum()
-        return {"miou": float(iou.nanmean()) if (union > 0).any() else float("nan"),
-                "iou": iou.tolist(), "acc": float(tp.sum() / n) if n > 0 else float("nan")}
+# %% ../nbs/03_metrics.ipynb #8edeadaf
+@patch
+def update(self: SegMetric, pred: torch.Tensor, target: torch.Tensor):
+    "Add a batch of label maps (`pred`, `target`: integer [B,H,W] or [H,W]; `ignore_index` pixels skipped)."
+    pred, target = self._check(pred, target)
+    t = self._ensure(pred.device); C = self.num_classes
+    ok = self._count_invalid(t, pred, target)
+    idx = (target.clamp(0, C - 1) * C + pred.clamp(0, C - 1)).flatten()
+    t["hist"].view(-1).index_add_(0, idx, ok.flatten().long())  # no boolean indexing / bincount: no host sync
+    return self
+
+# %% ../nbs/03_metrics.ipynb #61054db6
+@patch
+def compute(self: SegMetric) -> dict:
+    "{'miou': mean IoU over classes present, 'iou': per-class list (NaN = absent), 'acc': pixel accuracy}."
+    h = self._counts()["hist"]
+    tp = h.diag(); union = h.sum(0) + h.sum(1) - tp
+    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
+    n = h.sum()
+    return {"miou": float(iou.nanmean()) if (union > 0).any() else float("nan"),
+            "iou": iou.tolist(), "acc": float(tp.sum() / n) if n > 0 else float("nan")}
 
 # %% ../nbs/03_metrics.ipynb #36abb51e
 def boundary_width(h: int, w: int, dilation_ratio: float = 0.02) -> int:
     "Band width d = max(1, round(ratio * image diagonal)) of boundary IoU."
     return max(1, int(round(dilation_ratio * math.sqrt(h * h + w * w))))
 
+# %% ../nbs/03_metrics.ipynb #ac95cbdf
 def _window_sum(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
     "Sum over windows of 2r+1 along `dim` of a tensor already padded by r on both sides of `dim`."
     c = torch.cumsum(x, dim=dim, dtype=torch.int32)
@@ -108,12 +124,14 @@ def _window_sum(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
     n = x.shape[dim] - 2 * r
     return c.narrow(dim, 2 * r + 1, n) - c.narrow(dim, 0, n)
 
+# %% ../nbs/03_metrics.ipynb #4fbee0d3
 def erode(mask: torch.Tensor, d: int) -> torch.Tensor:
     "Binary erosion of bool masks [..., H, W] by a (2d+1)² square (= d × 3×3); outside the image is background."
     bg = F.pad((~mask).to(torch.int32), (d, d, d, d), value=1)
     cnt = _window_sum(_window_sum(bg, d, -1), d, -2)
     return mask & (cnt == 0)
 
+# %% ../nbs/03_metrics.ipynb #dd1c873d
 def mask_boundary(mask: torch.Tensor, d: int) -> torch.Tensor:
     "Boundary band of width d: the mask minus its erosion."
     return mask & ~erode(mask, d)
@@ -128,28 +146,32 @@ class BoundaryIoU(_Counts):
 
     def _sizes(self): return {"inter": (self.num_classes,), "union": (self.num_classes,), "invalid": ()}
 
-    def update(self, pred: torch.Tensor, target: torch.Tensor):
-        "Add a batch of label maps (integer [B,H,W] or [H,W]); d is computed from H and W."
-        pred, target = self._check(pred, target)
-        if pred.dim() == 2: pred, target = pred[None], target[None]
-        t = self._ensure(pred.device)
-        valid = self._count_invalid(t, pred, target)
-        B, H, W = target.shape
-        d = boundary_width(H, W, self.dilation_ratio)
-        chunk = max(1, self.max_elems // max(1, B * H * W))
-        for c0 in range(0, self.num_classes, chunk):  # class chunks bound memory; one chunk in the usual case
-            cls = torch.arange(c0, min(c0 + chunk, self.num_classes), device=pred.device)[None, :, None, None]
-            g = mask_boundary(target[:, None] == cls, d) & valid[:, None]
-            p = mask_boundary(pred[:, None] == cls, d) & valid[:, None]
-            t["inter"][c0:c0 + cls.shape[1]] += (g & p).sum((0, 2, 3))
-            t["union"][c0:c0 + cls.shape[1]] += (g | p).sum((0, 2, 3))
-        return self
+# %% ../nbs/03_metrics.ipynb #16280dd4
+@patch
+def update(self: BoundaryIoU, pred: torch.Tensor, target: torch.Tensor):
+    "Add a batch of label maps (integer [B,H,W] or [H,W]); d is computed from H and W."
+    pred, target = self._check(pred, target)
+    if pred.dim() == 2: pred, target = pred[None], target[None]
+    t = self._ensure(pred.device)
+    valid = self._count_invalid(t, pred, target)
+    B, H, W = target.shape
+    d = boundary_width(H, W, self.dilation_ratio)
+    chunk = max(1, self.max_elems // max(1, B * H * W))
+    for c0 in range(0, self.num_classes, chunk):  # class chunks bound memory; one chunk in the usual case
+        cls = torch.arange(c0, min(c0 + chunk, self.num_classes), device=pred.device)[None, :, None, None]
+        g = mask_boundary(target[:, None] == cls, d) & valid[:, None]
+        p = mask_boundary(pred[:, None] == cls, d) & valid[:, None]
+        t["inter"][c0:c0 + cls.shape[1]] += (g & p).sum((0, 2, 3))
+        t["union"][c0:c0 + cls.shape[1]] += (g | p).sum((0, 2, 3))
+    return self
 
-    def compute(self) -> dict:
-        "{'boundary_iou': mean over classes with a non-empty union, 'iou': per-class list (NaN = absent)}."
-        t = self._counts(); u = t["union"]
-        iou = torch.where(u > 0, t["inter"] / u.clamp_min(1), torch.full_like(u, float("nan")))
-        return {"boundary_iou": float(iou.nanmean()) if (u > 0).any() else float("nan"), "iou": iou.tolist()}
+# %% ../nbs/03_metrics.ipynb #ee66f4a1
+@patch
+def compute(self: BoundaryIoU) -> dict:
+    "{'boundary_iou': mean over classes with a non-empty union, 'iou': per-class list (NaN = absent)}."
+    t = self._counts(); u = t["union"]
+    iou = torch.where(u > 0, t["inter"] / u.clamp_min(1), torch.full_like(u, float("nan")))
+    return {"boundary_iou": float(iou.nanmean()) if (u > 0).any() else float("nan"), "iou": iou.tolist()}
 
 # %% ../nbs/03_metrics.ipynb #67964722
 def _logits(model, x: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -161,6 +183,7 @@ def _logits(model, x: torch.Tensor, num_classes: int) -> torch.Tensor:
         lg = F.interpolate(lg.float(), size=x.shape[-2:], mode="bilinear", align_corners=True)
     return lg.float()
 
+# %% ../nbs/03_metrics.ipynb #a1f64901
 def sliding_windows(H: int, W: int, crop: int, stride: int) -> list:
     "Window boxes (y0, y1, x0, x1) of the official sliding-window grid over an H×W image (H, W >= crop)."
     if stride < 1 or crop < 1: raise ValueError(f"sliding window needs crop >= 1 and stride >= 1, got {crop}, {stride}")
@@ -169,6 +192,7 @@ def sliding_windows(H: int, W: int, crop: int, stride: int) -> list:
         return sorted({max(min(i * stride + crop, n) - crop, 0) for i in range(k)})
     return [(y, min(y + crop, H), x, min(x + crop, W)) for y in starts(H) for x in starts(W)]
 
+# %% ../nbs/03_metrics.ipynb #d4d2d04d
 def center_crop(x: torch.Tensor, size: int, fill=0) -> torch.Tensor:
     "Centre crop of the last two dims to size×size, padding with `fill` (split as the official Crop) where smaller."
     H, W = x.shape[-2:]
@@ -180,6 +204,7 @@ def center_crop(x: torch.Tensor, size: int, fill=0) -> torch.Tensor:
     y0, x0 = (H - size) // 2, (W - size) // 2
     return x[..., y0:y0 + size, x0:x0 + size]
 
+# %% ../nbs/03_metrics.ipynb #844b16c1
 def _sliding(model, x, num_classes, crop, stride, window_batch):
     B, _, H, W = x.shape
     ph, pw = max(crop - H, 0), max(crop - W, 0)
@@ -196,6 +221,7 @@ def _sliding(model, x, num_classes, crop, stride, window_batch):
             cnt[..., y0:y1, x0:x1] += 1
     return (out / cnt)[..., :H, :W]
 
+# %% ../nbs/03_metrics.ipynb #e3dd8b96
 def infer(model, image: torch.Tensor, num_classes: int, mode: str = "whole", crop_size: int = 513, stride: int = 0,
           flip: bool = False, scales=(1.0,), window_batch: int = 4) -> torch.Tensor:
     "Float logits [B,C,H,W] of `model` on `image` [B,3,H,W] (for center_crop: [B,C,crop,crop]); see above."

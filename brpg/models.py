@@ -26,6 +26,7 @@ def conv_bn_relu(cin: int, cout: int, k: int = 1, dilation: int = 1, bias: bool 
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=dilation * (k // 2), dilation=dilation, bias=bias),
                          nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
+# %% ../nbs/02_models.ipynb #d0e86616
 class Head(nn.Sequential):
     "Classifier / representation head of §3: [3×3 conv-BN-ReLU-Dropout2d] ×2, then a plain 1×1 conv."
     def __init__(self, cin: int = 512, mid: int = 256, cout: int = 21, dropout: float = 0.1):
@@ -48,6 +49,7 @@ class ASPP(nn.Module):
         pooled = F.interpolate(self.pool(x), size=(h, w), mode="bilinear", align_corners=True)
         return torch.cat([pooled] + [b(x) for b in self.branches], dim=1)
 
+# %% ../nbs/02_models.ipynb #4a631038
 class DeepLabV3PlusDecoder(nn.Module):
     "ASPP on the deepest feature + 1×1 low-level path on the stride-4 feature -> 512 channels at stride 4."
     def __init__(self, low_ch: int, high_ch: int, channels: int = 256, dilations=(12, 24, 36), dropout: float = 0.1):
@@ -79,6 +81,7 @@ class SegFormerDecoder(nn.Module):
 
 # %% ../nbs/02_models.ipynb #d475eca5
 _PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.", "model.")
+
 _WRAPPERS = ("state_dict", "model", "model_state", "teacher_state", "student_state", "net", "params")
 
 def file_sha256(path, chunk: int = 1 << 20) -> str:
@@ -88,6 +91,7 @@ def file_sha256(path, chunk: int = 1 << 20) -> str:
         for b in iter(lambda: f.read(chunk), b""): h.update(b)
     return h.hexdigest()
 
+# %% ../nbs/02_models.ipynb #7472d918
 def _strip_prefixes(k: str) -> str:
     while (p := next((p for p in _PREFIXES if k.startswith(p)), None)): k = k[len(p):]
     return k
@@ -105,6 +109,7 @@ def resolve_weights_path(spec) -> Path:
         raise FileNotFoundError(f"model.pretrained_path '{s}': package '{mod}' is not installed (scripts/env.sh installs the weight packages)")
     return Path(list(found.submodule_search_locations)[0]) / rel
 
+# %% ../nbs/02_models.ipynb #4f4880f7
 def load_checkpoint_file(path) -> dict:
     "Read a tensor dict from a .pth/.pt/.bin/.ckpt or .safetensors file; unwrap wrapper dicts, strip prefixes."
     p = resolve_weights_path(path)
@@ -130,6 +135,7 @@ def register_weight_format(name: str, detect, convert):
     WEIGHT_FORMATS[name] = (detect, convert)
     if "timm" in WEIGHT_FORMATS and name != "timm": WEIGHT_FORMATS["timm"] = WEIGHT_FORMATS.pop("timm")
 
+# %% ../nbs/02_models.ipynb #24a7fde5
 def detect_weight_format(keys) -> str:
     "Name of the first registered format whose `detect` accepts this set of keys."
     keys = set(keys)
@@ -234,6 +240,7 @@ def describe_load_report(r: dict) -> str:
     return (f"{c['loaded']} encoder tensors loaded, {c['missing']} missing, {c['unexpected']} unexpected{s}; ignored "
             f"{len(r['ignored'])} head tensors ({', '.join(r['ignored_heads']) or 'none'}) and {r['ignored_buffers']} num_batches_tracked")
 
+# %% ../nbs/02_models.ipynb #77212432
 def weights_record(report) -> dict | None:
     "What a run stores about its encoder initialisation: file, sha256, format, counts and a one-line summary."
     if report is None: return None
@@ -268,6 +275,7 @@ def load_backbone_weights(backbone: nn.Module, path, name: str = "backbone") -> 
 BACKBONE_ALIASES = {"resnet50_deep": ("resnet50", dict(stem_type="deep", stem_width=64)),
                     "resnet101_deep": ("resnet101", dict(stem_type="deep", stem_width=64))}
 
+# %% ../nbs/02_models.ipynb #05eb9765
 def apply_multi_grid(backbone: nn.Module, grid, name: str = "backbone") -> nn.Module:
     "Multiply the dilation (and 'same' padding) of each 3×3 conv of block i of `layer4` by grid[i]."
     layer, grid = getattr(backbone, "layer4", None), list(grid)
@@ -290,9 +298,11 @@ def _reachable(url: str, timeout: float = 3.0) -> bool:
     t = threading.Thread(target=probe, daemon=True); t.start(); t.join(timeout + 0.5)
     return bool(ok)
 
+# %% ../nbs/02_models.ipynb #8e2238f0
 def _offline_env() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
+# %% ../nbs/02_models.ipynb #b26407d8
 def _timm_weights_available(name: str) -> bool:
     "Whether timm's weights for `name` are in a local cache, or (when not offline) the hub answers."
     from timm.models import get_pretrained_cfg
@@ -362,6 +372,7 @@ class Segmenter(nn.Module):
         bb = list(self.backbone.parameters()); ids = {id(p) for p in bb}
         return bb, [p for p in self.parameters() if id(p) not in ids]
 
+# %% ../nbs/02_models.ipynb #59ab7550
 def create_segmenter(model_cfg: ModelConfig, num_classes: int) -> Segmenter:
     "Build the BRPG segmenter of §3 from `model_cfg` (arch, backbone, weights, output stride, widths)."
     if not isinstance(num_classes, int) or num_classes < 1: raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -380,10 +391,12 @@ def create_segmenter(model_cfg: ModelConfig, num_classes: int) -> Segmenter:
         dec = SegFormerDecoder([ch[i] for i in idx], model_cfg.decoder_channels, model_cfg.dropout)
     return Segmenter(bb, dec, idx, num_classes, model_cfg)
 
+# %% ../nbs/02_models.ipynb #560226d8
 def convert_sync_bn(model: nn.Module) -> nn.Module:
     "Replace every BatchNorm by SyncBatchNorm (the trainer does this under DDP when model.sync_bn)."
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
+# %% ../nbs/02_models.ipynb #475fc4ea
 def count_params(module: nn.Module) -> int:
     "Number of parameters of `module`."
     return sum(p.numel() for p in module.parameters())

@@ -10,6 +10,7 @@ import torch, torch.nn as nn, torch.nn.functional as F
 import torch.distributed as dist
 from .config import MethodConfig
 from .clustering import batched_kmeans
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['apo_dispersion', 'apo_extra', 'PrototypeBank', 'padded_prototypes']
@@ -38,6 +39,7 @@ def apo_dispersion(feats: torch.Tensor, mask: torch.Tensor, measure: str = "cos_
         disp = (d2.sqrt() * m).sum(1) / n.clamp_min(1)
     return disp.masked_fill(n == 0, float("-inf"))
 
+# %% ../nbs/06_prototypes.ipynb #53f4a535
 def apo_extra(feats: torch.Tensor, mask: torch.Tensor, proportion: float, add_num: int,
               measure: str = "cos_sim") -> torch.Tensor:
     "APO (§4.5): extra prototypes per group (`add_num` for the `max(1, round(proportion*G))` most dispersed, ties included)."
@@ -52,6 +54,7 @@ def apo_extra(feats: torch.Tensor, mask: torch.Tensor, proportion: float, add_nu
 def _dist_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
+# %% ../nbs/06_prototypes.ipynb #b0f0856f
 class PrototypeBank(nn.Module):
     "Variable number of prototypes per class in padded slots `[C, max_high+max_low, D]` with a `valid` mask."
     def __init__(self, num_classes: int, dim: int, max_high: int = 3, max_low: int = 3):
@@ -86,35 +89,41 @@ class PrototypeBank(nn.Module):
         "Number of real prototypes (a 0-d tensor)."
         return self.valid.sum()
 
-    def set_prototypes(self, protos: torch.Tensor, valid: torch.Tensor, added: torch.Tensor | None = None):
-        "Set the bank's state directly (tests, custom initialisations); marks the bank initialised."
-        C, S, D = self.protos.shape
-        if protos.shape != (C, S, D) or valid.shape != (C, S):
-            raise ValueError(f"set_prototypes expects protos{(C, S, D)} and valid{(C, S)}, "
-                             f"got {tuple(protos.shape)} and {tuple(valid.shape)}")
-        with torch.no_grad():
-            self.protos.copy_(protos * valid[..., None])
-            self.valid.copy_(valid)
-            self.added.copy_(added if added is not None else torch.zeros_like(valid))
-            self.init_protos.copy_(self.protos)
-            self.usage.zero_()
-            self.initialized.fill_(True)
-        return self
+# %% ../nbs/06_prototypes.ipynb #626086e9
+@patch
+def set_prototypes(self: PrototypeBank, protos: torch.Tensor, valid: torch.Tensor, added: torch.Tensor | None = None):
+    "Set the bank's state directly (tests, custom initialisations); marks the bank initialised."
+    C, S, D = self.protos.shape
+    if protos.shape != (C, S, D) or valid.shape != (C, S):
+        raise ValueError(f"set_prototypes expects protos{(C, S, D)} and valid{(C, S)}, "
+                         f"got {tuple(protos.shape)} and {tuple(valid.shape)}")
+    with torch.no_grad():
+        self.protos.copy_(protos * valid[..., None])
+        self.valid.copy_(valid)
+        self.added.copy_(added if added is not None else torch.zeros_like(valid))
+        self.init_protos.copy_(self.protos)
+        self.usage.zero_()
+        self.initialized.fill_(True)
+    return self
 
-    def similarities(self, feats: torch.Tensor) -> torch.Tensor:
-        "Cosine similarity `[N, C, S]` of `feats[N,D]` to every slot (invalid slots: -inf); one matmul."
-        C, S, D = self.protos.shape
-        if feats.dim() != 2 or feats.shape[1] != D:
-            raise ValueError(f"similarities expects feats[N,{D}], got {tuple(feats.shape)}")
-        with torch.autocast(feats.device.type, enabled=False):   # float32 like F.cosine_similarity under autocast
-            f = F.normalize(feats.float(), dim=1, eps=1e-8)
-            p = F.normalize(self.protos.float(), dim=-1, eps=1e-8).reshape(C * S, D)
-            sims = (f @ p.t()).reshape(-1, C, S)
-        return sims.masked_fill(~self.valid, float("-inf"))
+# %% ../nbs/06_prototypes.ipynb #27e3f716
+@patch
+def similarities(self: PrototypeBank, feats: torch.Tensor) -> torch.Tensor:
+    "Cosine similarity `[N, C, S]` of `feats[N,D]` to every slot (invalid slots: -inf); one matmul."
+    C, S, D = self.protos.shape
+    if feats.dim() != 2 or feats.shape[1] != D:
+        raise ValueError(f"similarities expects feats[N,{D}], got {tuple(feats.shape)}")
+    with torch.autocast(feats.device.type, enabled=False):   # float32 like F.cosine_similarity under autocast
+        f = F.normalize(feats.float(), dim=1, eps=1e-8)
+        p = F.normalize(self.protos.float(), dim=-1, eps=1e-8).reshape(C * S, D)
+        sims = (f @ p.t()).reshape(-1, C, S)
+    return sims.masked_fill(~self.valid, float("-inf"))
 
-    def logits(self, feats: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-        "Class logits `[N, C]` = max cosine over the class's valid slots / τ (-inf for a class without prototypes)."
-        return self.similarities(feats).max(dim=-1).values / temperature
+# %% ../nbs/06_prototypes.ipynb #a0304398
+@patch
+def logits(self: PrototypeBank, feats: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    "Class logits `[N, C]` = max cosine over the class's valid slots / τ (-inf for a class without prototypes)."
+    return self.similarities(feats).max(dim=-1).values / temperature
 
 # %% ../nbs/06_prototypes.ipynb #603eb46e
 def padded_prototypes(bank: PrototypeBank) -> torch.Tensor:
@@ -130,8 +139,9 @@ def padded_prototypes(bank: PrototypeBank) -> torch.Tensor:
     return out
 
 # %% ../nbs/06_prototypes.ipynb #6a90096d
+@patch
 @torch.no_grad()
-def _ema_update(self: PrototypeBank, feats: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None,
+def ema_update(self: PrototypeBank, feats: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None,
                 decay: float = 0.99, sync: bool = True, fault_weight: float = 1.0, ignore_index: int = 255,
                 sims: torch.Tensor | None = None) -> torch.Tensor:
     "EMA of each hit slot towards the (weighted) mean of its nearest-within-class features; returns `usage[C,S]`."
@@ -165,25 +175,26 @@ def _ema_update(self: PrototypeBank, feats: torch.Tensor, labels: torch.Tensor, 
     self.usage.copy_(acc[:, D + 1].round().long().reshape(C, S))
     return self.usage
 
-PrototypeBank.ema_update = _ema_update
-
 # %% ../nbs/06_prototypes.ipynb #6b0c35af
 def _pad_rows(t: torch.Tensor, Q: int) -> torch.Tensor:
     if t.shape[1] == Q: return t
     pad = t.new_zeros((t.shape[0], Q - t.shape[1]) + tuple(t.shape[2:]))
     return torch.cat([t, pad], 1)
 
+# %% ../nbs/06_prototypes.ipynb #301c8810
 def _fit_slots(centers: torch.Tensor, cmask: torch.Tensor, width: int):
     "Pad / cut `[G,K,D]` centres and `[G,K]` masks to `width` slots."
     K = centers.shape[1]
     if K >= width: return centers[:, :width], cmask[:, :width]
     return _pad_rows(centers, width), _pad_rows(cmask, width)
 
+# %% ../nbs/06_prototypes.ipynb #480ad39a
 def _broadcast_state(bank: PrototypeBank):
     if _dist_world() > 1:
         for t in (bank.protos, bank.valid, bank.added, bank.init_protos):
             dist.broadcast(t, src=0)
 
+# %% ../nbs/06_prototypes.ipynb #b43a8fcb
 @torch.no_grad()
 def _cluster_queues(self: PrototypeBank, high_feats, high_mask, low_feats, low_mask, k_h, k_l, method_cfg: MethodConfig):
     "Guarded batched k-means of the 2C queues; returns slot-shaped (protos[C,S,D], valid[C,S]) and info."
@@ -216,8 +227,10 @@ def _cluster_queues(self: PrototypeBank, high_feats, high_mask, low_feats, low_m
             "empty": ((nh == 0) & (nl == 0)).cpu(), "inertia": res.inertia.cpu()}
     return protos * valid[..., None], valid, info
 
+# %% ../nbs/06_prototypes.ipynb #3d78afca
+@patch
 @torch.no_grad()
-def _init_from_tensors(self: PrototypeBank, high_feats: torch.Tensor, high_mask: torch.Tensor, low_feats: torch.Tensor,
+def init_from_tensors(self: PrototypeBank, high_feats: torch.Tensor, high_mask: torch.Tensor, low_feats: torch.Tensor,
                        low_mask: torch.Tensor, method_cfg: MethodConfig) -> dict:
     "APO + one batched k-means on queue tensors `[C,Q,D]` / masks `[C,Q]` (see `init_from_queues`)."
     C = self.num_classes
@@ -249,16 +262,16 @@ def _init_from_tensors(self: PrototypeBank, high_feats: torch.Tensor, high_mask:
     self.last_init_info = info
     return info
 
-def _init_from_queues(self: PrototypeBank, high, low, method_cfg: MethodConfig) -> dict:
+# %% ../nbs/06_prototypes.ipynb #7f793313
+@patch
+def init_from_queues(self: PrototypeBank, high, low, method_cfg: MethodConfig) -> dict:
     "APO on the high and the low `ClassQueues` independently, then one batched k-means for all 2C queues."
     return self.init_from_tensors(high.buffer, high.valid_mask(), low.buffer, low.valid_mask(), method_cfg)
 
-PrototypeBank.init_from_tensors = _init_from_tensors
-PrototypeBank.init_from_queues = _init_from_queues
-
 # %% ../nbs/06_prototypes.ipynb #254d4fae
+@patch
 @torch.no_grad()
-def _recluster(self: PrototypeBank, high, low, method_cfg: MethodConfig) -> dict:
+def recluster(self: PrototypeBank, high, low, method_cfg: MethodConfig) -> dict:
     "Re-cluster from the live queues; new centres are matched to the old slots by Hungarian matching on cosine."
     from scipy.optimize import linear_sum_assignment
     if not bool(self.initialized): return self.init_from_queues(high, low, method_cfg)
@@ -288,5 +301,3 @@ def _recluster(self: PrototypeBank, high, low, method_cfg: MethodConfig) -> dict
     _broadcast_state(self)
     info.update(matched_cos=matched_cos.cpu(), perm=perm.cpu())
     return info
-
-PrototypeBank.recluster = _recluster

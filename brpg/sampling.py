@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['ClassQueues', 'downsample_labels', 'labeled_candidates', 'unlabeled_candidates', 'random_subset', 'queue_candidates',
@@ -43,81 +44,95 @@ class ClassQueues:
         "bool `[C, Q]`: slots that hold a row (always the first `counts[c]` slots)."
         return torch.arange(self.capacity, device=self.device)[None] < self.counts[:, None]
 
-    @torch.no_grad()
-    def push(self, feats: torch.Tensor, labels: torch.Tensor, conf: torch.Tensor | None = None):
-        "Append rows `feats[N,D]` to the queues of `labels[N]`; labels outside `[0,C)` are dropped."
-        if feats.ndim != 2 or feats.shape[1] != self.dim:
-            raise ValueError(f"ClassQueues.push: feats must be [N, {self.dim}], got {tuple(feats.shape)}")
-        if labels.shape != feats.shape[:1]:
-            raise ValueError(f"ClassQueues.push: labels must be [{feats.shape[0]}], got {tuple(labels.shape)}")
-        if conf is not None and conf.shape != feats.shape[:1]:
-            raise ValueError(f"ClassQueues.push: conf must be [{feats.shape[0]}], got {tuple(conf.shape)}")
-        N, C, Q, dev = feats.shape[0], self.num_classes, self.capacity, self.device
-        if N == 0: return self
-        lab = labels.to(dev, torch.long)
-        lab = torch.where((lab >= 0) & (lab < C), lab, torch.full_like(lab, C))   # C = "drop" class
-        n = torch.zeros(C + 1, dtype=torch.long, device=dev).scatter_add_(0, lab, torch.ones_like(lab))
-        sorted_lab, order = torch.sort(lab, stable=True)
-        start = torch.cumsum(n, 0) - n
-        rank = torch.arange(N, device=dev) - start[sorted_lab]        # rank of the row inside its class
-        keep = (sorted_lab < C) & (rank >= n[sorted_lab] - Q)         # newest Q rows of each class
-        c_safe = sorted_lab.clamp(max=C - 1)
-        slot = (self.ptr[c_safe] + rank) % Q
-        dst = torch.where(keep, c_safe * Q + slot, torch.full_like(slot, C * Q))
-        self._feats.index_copy_(0, dst, feats.detach()[order].to(dev, self.dtype))
-        if conf is not None:
-            self._conf.index_copy_(0, dst, conf.detach()[order].to(dev, torch.float32))
-        else:
-            self._conf.index_fill_(0, dst, 0.0)
-        n = n[:C]
-        self.ptr = (self.ptr + n) % Q
-        self.counts = (self.counts + n).clamp(max=Q)
-        self.total = self.total + n
-        return self
-
-    def order(self, c: int) -> torch.Tensor:
-        "Slot indices of class `c`, oldest -> newest."
-        n = int(self.counts[c])
-        return (self.ptr[c] - n + torch.arange(n, device=self.device)) % self.capacity
-
-    def get(self, c: int, with_conf: bool = False):
-        "Rows of class `c` oldest -> newest (`[n_c, D]`), optionally with their confidences."
-        if not 0 <= c < self.num_classes: raise IndexError(f"ClassQueues.get: class {c} not in [0, {self.num_classes})")
-        idx = self.order(c)
-        f = self.buffer[c, idx]
-        return (f, self.conf[c, idx]) if with_conf else f
-
-    def clear(self):
-        "Forget every row (storage is kept)."
-        self.ptr.zero_(); self.counts.zero_(); self.total.zero_()
-        return self
-
-    def to(self, device):
-        "Move the queues to `device` (in place); returns self."
-        for k in ("_feats", "_conf", "ptr", "counts", "total"): setattr(self, k, getattr(self, k).to(device))
-        return self
-
-    def state_dict(self) -> dict:
-        return {"num_classes": self.num_classes, "dim": self.dim, "capacity": self.capacity,
-                "buffer": self.buffer.clone(), "conf": self.conf.clone(), "ptr": self.ptr.clone(),
-                "counts": self.counts.clone(), "total": self.total.clone()}
-
-    def load_state_dict(self, sd: dict):
-        for k in ("num_classes", "dim", "capacity"):
-            if k in sd and int(sd[k]) != getattr(self, k):
-                raise ValueError(f"ClassQueues.load_state_dict: {k} is {sd[k]} in the state, {getattr(self, k)} here")
-        missing = [k for k in ("buffer", "ptr", "counts") if k not in sd]
-        if missing: raise KeyError(f"ClassQueues.load_state_dict: missing keys {missing}")
-        self.buffer.copy_(sd["buffer"].to(self.device, self.dtype))
-        if "conf" in sd: self.conf.copy_(sd["conf"].to(self.device))
-        self.ptr = sd["ptr"].to(self.device, torch.long).clone()
-        self.counts = sd["counts"].to(self.device, torch.long).clone()
-        self.total = sd.get("total", sd["counts"]).to(self.device, torch.long).clone()
-        return self
-
     def __repr__(self):
         return (f"ClassQueues(C={self.num_classes}, D={self.dim}, Q={self.capacity}, "
                 f"filled={int(self.counts.sum())}/{self.num_classes * self.capacity}, {self.device}, {self.dtype})")
+
+# %% ../nbs/04_sampling.ipynb #79598224
+@patch
+@torch.no_grad()
+def push(self: ClassQueues, feats: torch.Tensor, labels: torch.Tensor, conf: torch.Tensor | None = None):
+    "Append rows `feats[N,D]` to the queues of `labels[N]`; labels outside `[0,C)` are dropped."
+    if feats.ndim != 2 or feats.shape[1] != self.dim:
+        raise ValueError(f"ClassQueues.push: feats must be [N, {self.dim}], got {tuple(feats.shape)}")
+    if labels.shape != feats.shape[:1]:
+        raise ValueError(f"ClassQueues.push: labels must be [{feats.shape[0]}], got {tuple(labels.shape)}")
+    if conf is not None and conf.shape != feats.shape[:1]:
+        raise ValueError(f"ClassQueues.push: conf must be [{feats.shape[0]}], got {tuple(conf.shape)}")
+    N, C, Q, dev = feats.shape[0], self.num_classes, self.capacity, self.device
+    if N == 0: return self
+    lab = labels.to(dev, torch.long)
+    lab = torch.where((lab >= 0) & (lab < C), lab, torch.full_like(lab, C))   # C = "drop" class
+    n = torch.zeros(C + 1, dtype=torch.long, device=dev).scatter_add_(0, lab, torch.ones_like(lab))
+    sorted_lab, order = torch.sort(lab, stable=True)
+    start = torch.cumsum(n, 0) - n
+    rank = torch.arange(N, device=dev) - start[sorted_lab]        # rank of the row inside its class
+    keep = (sorted_lab < C) & (rank >= n[sorted_lab] - Q)         # newest Q rows of each class
+    c_safe = sorted_lab.clamp(max=C - 1)
+    slot = (self.ptr[c_safe] + rank) % Q
+    dst = torch.where(keep, c_safe * Q + slot, torch.full_like(slot, C * Q))
+    self._feats.index_copy_(0, dst, feats.detach()[order].to(dev, self.dtype))
+    if conf is not None:
+        self._conf.index_copy_(0, dst, conf.detach()[order].to(dev, torch.float32))
+    else:
+        self._conf.index_fill_(0, dst, 0.0)
+    n = n[:C]
+    self.ptr = (self.ptr + n) % Q
+    self.counts = (self.counts + n).clamp(max=Q)
+    self.total = self.total + n
+    return self
+
+# %% ../nbs/04_sampling.ipynb #878c834f
+@patch
+def order(self: ClassQueues, c: int) -> torch.Tensor:
+    "Slot indices of class `c`, oldest -> newest."
+    n = int(self.counts[c])
+    return (self.ptr[c] - n + torch.arange(n, device=self.device)) % self.capacity
+
+# %% ../nbs/04_sampling.ipynb #4bef2f30
+@patch
+def get(self: ClassQueues, c: int, with_conf: bool = False):
+    "Rows of class `c` oldest -> newest (`[n_c, D]`), optionally with their confidences."
+    if not 0 <= c < self.num_classes: raise IndexError(f"ClassQueues.get: class {c} not in [0, {self.num_classes})")
+    idx = self.order(c)
+    f = self.buffer[c, idx]
+    return (f, self.conf[c, idx]) if with_conf else f
+
+# %% ../nbs/04_sampling.ipynb #87e3d838
+@patch
+def clear(self: ClassQueues):
+    "Forget every row (storage is kept)."
+    self.ptr.zero_(); self.counts.zero_(); self.total.zero_()
+    return self
+
+# %% ../nbs/04_sampling.ipynb #3d84f358
+@patch
+def to(self: ClassQueues, device):
+    "Move the queues to `device` (in place); returns self."
+    for k in ("_feats", "_conf", "ptr", "counts", "total"): setattr(self, k, getattr(self, k).to(device))
+    return self
+
+# %% ../nbs/04_sampling.ipynb #fddd2d41
+@patch
+def state_dict(self: ClassQueues) -> dict:
+    return {"num_classes": self.num_classes, "dim": self.dim, "capacity": self.capacity,
+            "buffer": self.buffer.clone(), "conf": self.conf.clone(), "ptr": self.ptr.clone(),
+            "counts": self.counts.clone(), "total": self.total.clone()}
+
+# %% ../nbs/04_sampling.ipynb #7e56d8da
+@patch
+def load_state_dict(self: ClassQueues, sd: dict):
+    for k in ("num_classes", "dim", "capacity"):
+        if k in sd and int(sd[k]) != getattr(self, k):
+            raise ValueError(f"ClassQueues.load_state_dict: {k} is {sd[k]} in the state, {getattr(self, k)} here")
+    missing = [k for k in ("buffer", "ptr", "counts") if k not in sd]
+    if missing: raise KeyError(f"ClassQueues.load_state_dict: missing keys {missing}")
+    self.buffer.copy_(sd["buffer"].to(self.device, self.dtype))
+    if "conf" in sd: self.conf.copy_(sd["conf"].to(self.device))
+    self.ptr = sd["ptr"].to(self.device, torch.long).clone()
+    self.counts = sd["counts"].to(self.device, torch.long).clone()
+    self.total = sd.get("total", sd["counts"]).to(self.device, torch.long).clone()
+    return self
 
 # %% ../nbs/04_sampling.ipynb #ff63b820
 class _Cands(tuple):
@@ -127,16 +142,19 @@ class _Cands(tuple):
         for k, v in extra.items(): setattr(t, k, v)
         return t
 
+# %% ../nbs/04_sampling.ipynb #3351296b
 def _check_maps(name, *pairs):
     shapes = {k: tuple(v.shape) for k, v in pairs}
     sizes = {k: s[-2:] for k, s in shapes.items()}
     if len(set(sizes.values())) > 1: raise ValueError(f"{name}: spatial sizes differ: {shapes}")
     if len({s[0] for s in shapes.values()}) > 1: raise ValueError(f"{name}: batch sizes differ: {shapes}")
 
+# %% ../nbs/04_sampling.ipynb #5ea90f80
 def downsample_labels(gt: torch.Tensor, size) -> torch.Tensor:
     "Nearest-neighbour resize of a label map `[B,H,W]` to `size` (as `F.interpolate(mode='nearest')`)."
     return F.interpolate(gt[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
 
+# %% ../nbs/04_sampling.ipynb #31b63358
 def _rows(rep):  # [B,D,h,w] -> [B*h*w, D]
     return rep.permute(0, 2, 3, 1).reshape(-1, rep.shape[1])
 
@@ -158,6 +176,7 @@ def labeled_candidates(pred: torch.Tensor, rep: torch.Tensor, gt: torch.Tensor, 
     f, l, c = _rows(rep.detach()), g.flatten(), conf.flatten()
     return _Cands((f[hi], l[hi], f[lo], l[lo]), hi_conf=c[hi], lo_conf=c[lo])
 
+# %% ../nbs/04_sampling.ipynb #a5d2c7c0
 @torch.no_grad()
 def unlabeled_candidates(prob_small: torch.Tensor, rep: torch.Tensor, thr: float = 0.8):
     """Confident unlabeled pixels at stride 4 (teacher softmax `[B,C,h,w]`): `(feats, labels)` with `.conf`.
@@ -182,6 +201,7 @@ def random_subset(n_max: int, *tensors, generator: torch.Generator | None = None
     if keep_order: idx = idx.sort().values
     return tuple(t[idx] for t in tensors)
 
+# %% ../nbs/04_sampling.ipynb #1094c8d0
 def queue_candidates(lab, unl=None, batch_size: int = 1, pixel_num: int = 5000,
                      generator: torch.Generator | None = None, max_high: int | None = None, max_low: int | None = None):
     """One sampling step (§4.2): `lab` from `labeled_candidates`, `unl` from `unlabeled_candidates` (or None).
@@ -234,12 +254,14 @@ def grid_positions(H: int, h: int, grid_num: int = 32):
     pos = torch.cat([torch.arange(grid_num) * s, torch.tensor([H - 1])])
     return pos, _src_coord(pos, H, h)
 
+# %% ../nbs/04_sampling.ipynb #3a4a762b
 def _src_coord(pos: torch.Tensor, H: int, h: int) -> torch.Tensor:
     "Stride-4 coordinate of full-res `pos` under align_corners=True, in float32 like `F.interpolate`."
     if H < 2: return torch.zeros_like(pos, dtype=torch.float32)
     scale = torch.tensor(h - 1, dtype=torch.float32) / torch.tensor(H - 1, dtype=torch.float32)
     return pos.float() * scale.to(pos.device)
 
+# %% ../nbs/04_sampling.ipynb #17ea3e24
 def _bilinear_points(rep: torch.Tensor, b: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
     """Bilinear values of `rep[B,D,h,w]` at float stride-4 coordinates (`ys`, `xs`) of images `b`: `[N, D]`.
     Same arithmetic as `F.interpolate(mode='bilinear', align_corners=True)` (float32 source coordinates);
@@ -255,6 +277,7 @@ def _bilinear_points(rep: torch.Tensor, b: torch.Tensor, ys: torch.Tensor, xs: t
     out = (1 - wy) * ((1 - wx) * v[0] + wx * v[1]) + wy * ((1 - wx) * v[2] + wx * v[3])
     return out.to(rep.dtype)
 
+# %% ../nbs/04_sampling.ipynb #be184930
 def labeled_grid(rep: torch.Tensor, gt: torch.Tensor, grid_num: int = 32):
     """Features `[B*(g+1)^2, D]` and full-res labels of the (g+1)x(g+1) labeled grid, row-major per image.
     Exact indexing of the stride-4 map when grid points land on it (H-1 = 4(h-1)); bilinear otherwise."""
