@@ -57,23 +57,24 @@ def run_one(a, method) -> dict:
         tr = Trainer(cfg, out_dir=Path(d) / "run")
         dev = tr.device
         # the iteration at which each method does its full work: semi phase (MT), prototype phase (BRPG)
-        it = tr.proto_init_iter if method == "brpg" else (tr.teacher_start if method == "mean_teacher" else 0)
+        m = tr.method
+        it = m.proto_init_iter if method == "brpg" else (m.teacher_start if method == "mean_teacher" else 0)
         epoch = it // tr.iters_per_epoch
         batch = next(tr._epoch_stream(epoch, 0))
         if method == "brpg":  # fill the queues as the sampling epoch would, then initialise the bank
             C, D = cfg.data.num_classes, cfg.model.rep_dim
             g = torch.Generator(device="cpu").manual_seed(0)
-            tr.queues = tr._new_queues()
+            m.queues = m.new_queues()
             n = min(cfg.method.queue_len, 200)
             centers = torch.randn(C, D, generator=g)
-            for q in tr.queues.values():
+            for q in m.queues.values():
                 lab = torch.arange(C).repeat_interleave(n)
                 feats = centers[lab] + 0.5 * torch.randn(C * n, D, generator=g)
                 q.push(feats.to(dev), lab.to(dev), torch.ones(C * n, device=dev))
-            tr._phase_changes(it, epoch)
-            assert tr._bank_ready and tr.phase(it) == "prototypes"
+            m.begin_iteration(it)
+            assert m.bank_ready and tr.phase(it) == "prototypes"
         elif method == "mean_teacher":
-            tr._phase_changes(it, epoch)   # teacher hand-over
+            m.begin_iteration(it)   # teacher hand-over
         stream = iter(lambda: batch, None)  # the same batch every iteration
 
         def step(k):
@@ -99,7 +100,7 @@ def run_one(a, method) -> dict:
             res["peak_rss_mb"] = _maxrss_mb()
             res["rss_growth_mb"] = _maxrss_mb() - rss0
             res["mem_kind"] = "ru_maxrss: process peak RSS, and its growth during warm-up + timed iterations"
-        if method == "brpg": res["num_prototypes"] = int(tr.bank.num_prototypes)
+        if method == "brpg": res["num_prototypes"] = int(m.bank.num_prototypes)
         return res
 
 

@@ -40,7 +40,7 @@ def _err(msg) -> int:
 # %% ../nbs/10_cli.ipynb #bfd2ca0b
 def _device(spec: str = "auto"):
     "The torch device of a `trainer.device` spec (`auto` picks cuda, then mps, then cpu)."
-    from brpg.trainer import resolve_device
+    from brpg.devices import resolve_device
     return resolve_device(spec or "auto")
 
 def _checkpoint_and_config(path, config=None, overrides=None):

@@ -91,7 +91,7 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     "The SSL method: losses, mean teacher, and every prototype knob of CPG / APO / EMA (§1, §4, §5)."
-    name: str = F("brpg", "which method to train (a name registered in brpg.methods)", choices=method_choices)
+    name: str = F("brpg", "which method to train", choices=method_choices)
     # supervised loss L_s (§1.3)
     ce_weight: float = F(0.5, "weight of plain CE in L_s")
     ohem_weight: float = F(0.5, "weight of OHEM CE in L_s")

@@ -112,8 +112,8 @@ class Recorder:
              "miou": float(metrics["miou"]), "boundary_iou": float(metrics.get("boundary_iou", float("nan")))}
         if self.unlabeled is not None:
             r["pseudo"] = pseudo_label_quality(trainer.eval_model(), self.unlabeled, trainer.cfg, trainer.device)
-            if getattr(trainer, "_bank_ready", False):
-                r["prototypes"] = prototype_quality(trainer.student, trainer.bank, self.unlabeled, trainer.cfg, trainer.device)
+            if getattr(trainer.method, "bank_ready", False):
+                r["prototypes"] = prototype_quality(trainer.student, trainer.method.bank, self.unlabeled, trainer.cfg, trainer.device)
         self.curve.append(r)
 
 def loss_shares(metrics_path, cfg) -> dict:

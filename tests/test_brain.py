@@ -61,6 +61,7 @@ def test_builder_on_a_small_subset(tmp_path):
     with pytest.raises(ValueError, match="data.brain_image_size=32"): tissue_slice(t1, prob, "axial", 24, f=1, size=32)
 
 
+@pytest.mark.slow
 def test_real_build_is_cached_and_loads(tmp_path):
     pytest.importorskip("nibabel")
     msgs = []

@@ -5,10 +5,12 @@ that the training dashboard, fed by a trainer running in a background thread, up
 that its Stop button ends a long run.
 
 Skipped (with the reason) only when chromium or playwright is missing, and never under CI=true."""
-import os, secrets, shutil, socket, subprocess, sys, tempfile, time, urllib.request
+import os, secrets, shutil, subprocess, sys, tempfile, time, urllib.request
 from pathlib import Path
 
 import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSET = ROOT / "tests" / "assets" / "views_demo.ipynb"
@@ -35,17 +37,12 @@ if MISSING:
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
-
-
 @pytest.fixture
-def lab():
+def lab(free_port):
     "JupyterLab serving a temp copy of the demo notebook; always terminated."
     root = Path(tempfile.mkdtemp(prefix="brpg_lab_"))
     shutil.copy(ASSET, root / "views_demo.ipynb")
-    port, token = _free_port(), secrets.token_hex(16)
+    port, token = free_port, secrets.token_hex(16)
     env = dict(os.environ, MPLBACKEND="Agg", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", JUPYTER_NO_CONFIG="1",
                PYTHONPATH=os.pathsep.join([str(ROOT)] + [x for x in [os.environ.get("PYTHONPATH")] if x]),
                JUPYTER_RUNTIME_DIR=str(root / ".runtime"), IPYTHONDIR=str(root / ".ipython"))

@@ -58,6 +58,7 @@ def test_missing_config_file_is_one_line():
     assert "/nonexistent/cfg.yaml" in line
 
 
+@pytest.mark.slow
 def test_splits_on_tiny_folder_dataset(tmp_path):
     import numpy as np
     from PIL import Image
@@ -82,7 +83,7 @@ def test_splits_on_tiny_folder_dataset(tmp_path):
 def tiny_run(tmp_path_factory):
     "`brpg train` of a seconds-scale BRPG config (sup-only, sampling and prototype phases: 6 iterations)."
     from brpg.config import save_config
-    from brpg.trainer import tiny_demo_config
+    from brpg.testing import tiny_demo_config
     d = tmp_path_factory.mktemp("cli")
     save_config(tiny_demo_config("brpg", ["trainer.epochs=3"]), d / "tiny.yaml")
     save_config(tiny_demo_config("brpg", ["trainer.epochs=3", "data.num_classes=5"]), d / "tiny5.yaml")
@@ -91,6 +92,7 @@ def tiny_run(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_train_writes_run(tiny_run):
     run = tiny_run / "run"
     assert {"last.pt", "best.pt", "config.yaml", "metrics.jsonl"} <= {p.name for p in run.iterdir()}
@@ -99,6 +101,7 @@ def test_train_writes_run(tiny_run):
     assert any(r.get("phase") == "prototypes" for r in recs)  # the run reached the prototype phase
 
 
+@pytest.mark.slow
 def test_eval_writes_json(tiny_run):
     out = tiny_run / "eval.json"
     r = brpg("eval", "--checkpoint", tiny_run / "run", "--out", out, cwd=tiny_run)  # config from the run
@@ -113,6 +116,7 @@ def test_eval_writes_json(tiny_run):
     assert abs(best["miou"] - res["miou"]) < 1e-4, (best, res["miou"])
 
 
+@pytest.mark.slow
 def test_predict_writes_pngs(tiny_run):
     import numpy as np
     from PIL import Image
@@ -130,6 +134,7 @@ def test_predict_writes_pngs(tiny_run):
     one_line_error(brpg("predict", "--checkpoint", tiny_run / "run", tiny_run / "nope.png", "--out", tiny_run / "p2"))
 
 
+@pytest.mark.slow
 def test_train_refuses_existing_run(tiny_run):
     last = tiny_run / "run" / "last.pt"
     before = (last.stat().st_mtime_ns, last.read_bytes())
@@ -138,6 +143,7 @@ def test_train_refuses_existing_run(tiny_run):
     assert (last.stat().st_mtime_ns, last.read_bytes()) == before
 
 
+@pytest.mark.slow
 def test_checkpoint_of_other_class_count(tiny_run):
     line = one_line_error(brpg("eval", "--checkpoint", tiny_run / "run" / "best.pt", "--config", tiny_run / "tiny5.yaml"))
     assert "11 classes" in line and "data.num_classes=5" in line
@@ -158,6 +164,7 @@ def test_config_keys_list_choices():
     assert "data.num_classes = 11  # " in r.stdout and "0 = auto" in r.stdout
 
 
+@pytest.mark.slow
 def test_crop_dependent_keys_are_checked():
     "method.grid_num must fit data.crop_size (one-line error naming both and a valid value); 0 derives it."
     line = one_line_error(brpg("config", "--config", "voc/classic_366", "--set", "data.crop_size=321"))
@@ -199,11 +206,12 @@ def test_voc_without_labeled_split_says_how_to_create_it(tmp_path):
 
 def _auto_classes_config(tiny_run):
     from brpg.config import save_config
-    from brpg.trainer import tiny_demo_config
+    from brpg.testing import tiny_demo_config
     save_config(tiny_demo_config("brpg", ["trainer.epochs=3", "data.num_classes=0"]), tiny_run / "tiny0.yaml")
     return tiny_run / "tiny0.yaml"
 
 
+@pytest.mark.slow
 def test_eval_resolves_num_classes_auto(tiny_run):
     "data.num_classes: 0 in the given config means the dataset's count (the demo's 11), as the checkpoint has."
     _auto_classes_config(tiny_run)
@@ -212,6 +220,7 @@ def test_eval_resolves_num_classes_auto(tiny_run):
     assert len(json.loads((tiny_run / "e0.json").read_text())["iou"]) == 11
 
 
+@pytest.mark.slow
 def test_predict_resolves_num_classes_auto(tiny_run):
     _auto_classes_config(tiny_run)
     import numpy as np

@@ -12,9 +12,16 @@ from PIL import Image
 from brpg.config import Config, DataConfig, EvalConfig, TrainerConfig
 from brpg.data import (COCO_CLASSES, CITYSCAPES_CLASSES, DEMO_CLASSES, VOC_CLASSES, DatasetError, SeededSampler,
                        apply_cutmix, build_datasets, build_loaders, colorize, cutmix_masks, dataset_catalog,
-                       denormalize, load_mask, make_demo_dataset, read_split, splits_main, validate_dataset,
-                       voc_palette, write_splits)
+                       denormalize, load_mask, read_split, validate_dataset, voc_palette)
+from brpg.demo_data import make_demo_dataset
+from brpg.splits import write_splits
+from brpg.cli import main as cli_main
 from torch.utils.data import DistributedSampler
+
+
+def splits_main(args):
+    "`brpg splits ARGS` in-process; returns the exit code."
+    return cli_main(["splits", *args])
 
 
 # ----------------------------------------------------------------------------------------------- fake trees
@@ -283,6 +290,7 @@ def test_loader_lengths_resampling_and_ddp(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- demo
+@pytest.mark.slow
 def test_demo_deterministic_cached_and_fast(tmp_path):
     t0 = time.time(); p1 = make_demo_dataset(tmp_path / "a", num_images=400, size=96, seed=0); gen_s = time.time() - t0
     assert gen_s < 15, gen_s

@@ -1,13 +1,11 @@
 """brpg.metrics: mIoU against NumPy / scikit-learn, boundary IoU against a SciPy reference of the same
 definition, sliding-window / flip / multi-scale / centre-crop inference, evaluate() on toy and real
 models, and the DDP all-reduce of both metrics and of evaluate() with two gloo processes."""
-import math, os, socket, tempfile
+import math, os, tempfile
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy import ndimage
@@ -16,6 +14,8 @@ from sklearn.metrics import confusion_matrix
 from brpg.config import Config, ModelConfig
 from brpg.metrics import (BoundaryIoU, SegMetric, boundary_width, center_crop, erode, evaluate, infer,
                           sliding_windows)
+
+from _ddp import spawn_gloo
 
 torch.set_num_threads(1)
 
@@ -250,11 +250,6 @@ def test_evaluate_real_segmenter_all_modes():
 
 
 # ------------------------------------------------------------------ DDP (2 gloo processes)
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
-
-
 def _rank_data(rank, C=4):
     g = torch.Generator().manual_seed(10 + rank)
     T = torch.from_numpy(np.stack([blobs((30, 36), C, 100 * rank + s) for s in range(2)])).long()
@@ -263,31 +258,27 @@ def _rank_data(rank, C=4):
     return P, T
 
 
-def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        P, T = _rank_data(rank)
-        s, b = SegMetric(4), BoundaryIoU(4, 0.05)
-        s.update(P, T); b.update(P, T)
-        s.reduce(); b.reduce(); s.reduce()                           # a second reduce is a no-op
-        try: s.update(P, T); upd_err = ""
-        except RuntimeError as e: upd_err = str(e)
-        empty = SegMetric(4)
-        if rank == 0: empty.update(P, T)                              # rank 1 saw no batch at all
-        empty.reduce()
-        cfg = Config(); cfg.data.num_classes = 3; cfg.eval.mode = "whole"
-        ev = evaluate(Oracle(), _oracle_batches(n=4)[rank::2], cfg, "cpu")
-        torch.save({"seg": s.compute(), "bnd": b.compute(), "upd_err": upd_err, "empty": empty.compute(), "ev": ev},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, out_dir):
+    P, T = _rank_data(rank)
+    s, b = SegMetric(4), BoundaryIoU(4, 0.05)
+    s.update(P, T); b.update(P, T)
+    s.reduce(); b.reduce(); s.reduce()                           # a second reduce is a no-op
+    try: s.update(P, T); upd_err = ""
+    except RuntimeError as e: upd_err = str(e)
+    empty = SegMetric(4)
+    if rank == 0: empty.update(P, T)                              # rank 1 saw no batch at all
+    empty.reduce()
+    cfg = Config(); cfg.data.num_classes = 3; cfg.eval.mode = "whole"
+    ev = evaluate(Oracle(), _oracle_batches(n=4)[rank::2], cfg, "cpu")
+    torch.save({"seg": s.compute(), "bnd": b.compute(), "upd_err": upd_err, "empty": empty.compute(), "ev": ev},
+               os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+@pytest.mark.slow
+@pytest.mark.ddp
 def test_ddp_reduce_two_processes():
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(2, _free_port(), d, ), nprocs=2, join=True)
+        spawn_gloo(_worker, d, world=2)
         res = [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(2)]
     (P0, T0), (P1, T1) = _rank_data(0), _rank_data(1)
     s = SegMetric(4).update(P0, T0).update(P1, T1).compute()

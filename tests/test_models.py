@@ -426,7 +426,9 @@ def test_detection_and_conversion_is_one_to_one():
 
 def test_run_records_encoder_init(tmp_path):
     import json, yaml
-    from brpg.trainer import Trainer, load_checkpoint, tiny_demo_config
+    from brpg.trainer import Trainer
+    from brpg.checkpoint import read_checkpoint as load_checkpoint
+    from brpg.testing import tiny_demo_config
     torch.manual_seed(0)
     p = tmp_path / "resnet18-tv.pth"; torch.save(torchvision.models.resnet18().state_dict(), p)
     cfg = tiny_demo_config("supervised", [f"model.pretrained_path={p}", "trainer.max_iters=1", "trainer.epochs=1"])

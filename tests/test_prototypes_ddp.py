@@ -4,14 +4,17 @@ sync=True: the per-slot sums are all-reduced, so both ranks end with identical p
 single-process update on the union of the two ranks' pixels. sync=False (official behaviour): each rank
 updates from its own pixels only, so the ranks' prototypes differ (and each equals a local update).
 """
-import os, socket, tempfile
+import os, tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from brpg.prototypes import PrototypeBank
+
+from _ddp import spawn_gloo
+
+pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
 C, D, MH, ML, N = 5, 16, 3, 3, 200
 
@@ -32,34 +35,22 @@ def _local_data(rank):
     return feats, labels
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        res = {}
-        for sync in (True, False):
-            bank = _bank()
-            feats, labels = _local_data(rank)
-            for _ in range(3):                                        # a few steps, so drift accumulates
-                bank.ema_update(feats, labels, decay=0.9, sync=sync, fault_weight=2.0)
-            res[sync] = {"protos": bank.protos, "usage": bank.usage}
-        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, out_dir):
+    res = {}
+    for sync in (True, False):
+        bank = _bank()
+        feats, labels = _local_data(rank)
+        for _ in range(3):                                        # a few steps, so drift accumulates
+            bank.ema_update(feats, labels, decay=0.9, sync=sync, fault_weight=2.0)
+        res[sync] = {"protos": bank.protos, "usage": bank.usage}
+    torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
 def ranks():
     "Both ranks' results for sync=True and sync=False (one spawn of 2 processes for the whole module)."
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(2, _free_port(), d), nprocs=2, join=True)
+        spawn_gloo(_worker, d, world=2)
         return [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(2)]
 
 

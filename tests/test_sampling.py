@@ -1,7 +1,7 @@
 """brpg.sampling beyond the notebook: 2-process DDP gathering into identical queues, full VOC-size
 geometry (513 crop / 129 map) for the grid and the unlabeled pick, wide randomised queue checks,
 and the same checks on CUDA when one is present."""
-import collections, os, socket
+import collections
 
 import pytest
 import torch
@@ -10,41 +10,33 @@ import torch.nn.functional as F
 from brpg.sampling import (ClassQueues, all_gather_rows, labeled_candidates, labeled_grid, queue_candidates,
                            unlabeled_candidates, unlabeled_pick)
 
+from _ddp import spawn_gloo
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+def _ddp_worker(rank, world, out_dir):
+    torch.manual_seed(100 + rank)              # different data on each rank
+    C, D = 5, 8
+    high = ClassQueues(C, D, 40)
+    gen = torch.Generator().manual_seed(rank)
+    for step in range(4):
+        pred, rep = torch.randn(2, C, 9, 9) * 4, torch.randn(2, D, 9, 9)
+        gt = pred.argmax(1).repeat_interleave(4, 1).repeat_interleave(4, 2)[:, :33, :33]
+        n_rows = 3 + rank * 7 + step          # unequal row counts across ranks
+        hf, hl, hc, *_ = queue_candidates(labeled_candidates(pred, rep, gt), None, 1, n_rows, generator=gen)
+        mine = (hf.clone(), hl.clone(), hc.clone())
+        hf, hl, hc = all_gather_rows(hf, hl, hc)
+        high.push(hf, hl, hc)
+        torch.save({"mine": mine, "gathered": (hf, hl, hc)}, f"{out_dir}/step{step}_rank{rank}.pt")
+    torch.save(high.state_dict(), f"{out_dir}/queues_rank{rank}.pt")
 
 
-def _ddp_worker(rank, world, port, out_dir):
-    import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(100 + rank)              # different data on each rank
-        C, D = 5, 8
-        high = ClassQueues(C, D, 40)
-        gen = torch.Generator().manual_seed(rank)
-        for step in range(4):
-            pred, rep = torch.randn(2, C, 9, 9) * 4, torch.randn(2, D, 9, 9)
-            gt = pred.argmax(1).repeat_interleave(4, 1).repeat_interleave(4, 2)[:, :33, :33]
-            n_rows = 3 + rank * 7 + step          # unequal row counts across ranks
-            hf, hl, hc, *_ = queue_candidates(labeled_candidates(pred, rep, gt), None, 1, n_rows, generator=gen)
-            mine = (hf.clone(), hl.clone(), hc.clone())
-            hf, hl, hc = all_gather_rows(hf, hl, hc)
-            high.push(hf, hl, hc)
-            torch.save({"mine": mine, "gathered": (hf, hl, hc)}, f"{out_dir}/step{step}_rank{rank}.pt")
-        torch.save(high.state_dict(), f"{out_dir}/queues_rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
+@pytest.mark.slow
+@pytest.mark.ddp
 def test_all_gather_rows_gives_identical_queues(tmp_path):
-    import torch.multiprocessing as mp
     world = 2
-    mp.spawn(_ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    spawn_gloo(_ddp_worker, str(tmp_path), world=world)
     q = [torch.load(tmp_path / f"queues_rank{r}.pt") for r in range(world)]
     for k in ("buffer", "conf", "ptr", "counts"):
         assert torch.equal(q[0][k], q[1][k]), k

@@ -17,6 +17,7 @@ def study(tmp_path_factory):
     return out, res, logs
 
 
+@pytest.mark.slow
 def test_study_writes_records_and_scores_test(study):
     out, res, logs = study
     assert {p.name for p in out.iterdir()} >= {"results.json", "results.md", "learning_curves.png", "predictions.png", "config.yaml"}
@@ -32,6 +33,7 @@ def test_study_writes_records_and_scores_test(study):
     assert any("[1/4 supervised seed 0]" in l for l in logs)
 
 
+@pytest.mark.slow
 def test_study_reuse_trains_nothing(study):
     out, res, _ = study
     logs = []
@@ -54,6 +56,7 @@ def test_demo_cli_rejects_unknown_method():
     assert r.returncode == 2 and "unimatch" in r.stderr and "brpg_no_apo" in r.stderr
 
 
+@pytest.mark.slow
 def test_study_on_a_dataset_without_test_split(tmp_path):
     "The digits demo has no test split: the table says n/a there and the figure falls back to val images."
     ov = ["data.demo_num_images=48", "data.demo_num_labeled=8", "data.demo_num_val=8", "data.demo_image_size=40",

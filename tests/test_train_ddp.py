@@ -1,37 +1,37 @@
 """Two CPU processes (gloo) train BRPG through prototype initialisation and end with identical weights."""
-import os, socket, subprocess, sys, textwrap
+import os, subprocess, sys, textwrap
 from pathlib import Path
 
+import pytest
 import torch
+
+from _ddp import dist_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
 ROOT = Path(__file__).resolve().parents[1]
 
 WORKER = textwrap.dedent("""
     import sys, torch
-    from brpg.trainer import Trainer, tiny_demo_config
+    from brpg.trainer import Trainer
+    from brpg.testing import tiny_demo_config
     out, res = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
     tr = Trainer(tiny_demo_config("brpg", ["trainer.epochs=3", "model.sync_bn=true"]), out_dir=out)
     assert tr.world_size == 2, tr.world_size
     r = tr.fit()
-    torch.save({"student": tr.student.state_dict(), "teacher": tr.teacher.state_dict(),
-                "bank": tr.bank.state_dict(), "summary": r,
+    torch.save({"student": tr.student.state_dict(), "teacher": tr.method.teacher.state_dict(),
+                "bank": tr.method.bank.state_dict(), "summary": r,
                 "losses": [h["loss_sup"] for h in tr.history if h["type"] == "train"]}, res)
     tr.close()
 """)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
-
-
-def test_two_process_ddp_identical_state(tmp_path):
-    port, out = _free_port(), tmp_path / "run"
+def test_two_process_ddp_identical_state(tmp_path, free_port):
+    port, out = free_port, tmp_path / "run"
     procs = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+        env = dict(os.environ, **dist_env(rank, 2, port), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
         procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(out), str(tmp_path / f"rank{rank}.pt")],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     logs = []

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import brpg.losses
-from brpg.trainer import Trainer, TrainerError, NonFiniteLossError, load_checkpoint, tiny_demo_config, train_main
+from brpg.trainer import Trainer, TrainerError, NonFiniteLossError, train_main
+from brpg.checkpoint import read_checkpoint as load_checkpoint
+from brpg.testing import tiny_demo_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +21,7 @@ class StopAt:
 
 
 def _state(tr):
-    return {"student": tr.student.state_dict(), "teacher": tr.teacher.state_dict(), "bank": tr.bank.state_dict(),
+    return {"student": tr.student.state_dict(), "teacher": tr.method.teacher.state_dict(), "bank": tr.method.bank.state_dict(),
             "momentum": [s["momentum_buffer"] for s in tr.optimizer.state_dict()["state"].values()]}
 
 
@@ -36,6 +38,7 @@ def _assert_same(a, b, where=""):
         assert a == b, where
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     "8 iterations straight == 3 + stop + resume to 5 (queues live) + stop + resume to 8 (prototypes live)."
     cfg = tiny_demo_config("brpg", ["trainer.epochs=4"])          # init at iteration 4
@@ -49,7 +52,7 @@ def test_resume_is_exact(tmp_path):
     ck = load_checkpoint(tmp_path / "b" / "last.pt")
     assert ck["iteration"] == 3 and ck["queues"] is not None and not bool(ck["bank"]["initialized"])
     tr = Trainer(cfg, callbacks=[StopAt(5)], out_dir=tmp_path / "b", resume=True)
-    assert tr.iteration == 3 and tr.queues is not None
+    assert tr.iteration == 3 and tr.method.queues is not None
     tr.fit()
     ck = load_checkpoint(tmp_path / "b" / "last.pt")
     assert ck["iteration"] == 5 and bool(ck["bank"]["initialized"]) and ck["queues"] is None
@@ -73,10 +76,11 @@ class Watcher:
     def on_prototypes_updated(self, trainer, bank): self.updates += 1
 
 
+@pytest.mark.slow
 def test_observers_do_not_change_training(tmp_path, monkeypatch):
     "Attaching view-style listeners (feature samples, prototype updates) leaves the run bit-identical."
     import brpg.trainer
-    monkeypatch.setattr(brpg.trainer, "VIEW_SAMPLE_SIZE", 16)   # force the subsampling path on tiny data
+    monkeypatch.setattr(brpg.methods, "VIEW_SAMPLE_SIZE", 16)   # force the subsampling path on tiny data
     cfg = tiny_demo_config("brpg", ["trainer.epochs=4"])
     plain = Trainer(cfg, out_dir=tmp_path / "plain"); plain.fit()
     w = Watcher()
@@ -153,11 +157,13 @@ def test_signal_stops_with_checkpoint(tmp_path, sig):
     assert signal.getsignal(sig) == before                      # the previous handler is back
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_real_process(tmp_path):
     "train_main in a subprocess; SIGINT after a few iterations -> exit 0, checkpoint, message; resume continues."
     out = tmp_path / "run"
     script = textwrap.dedent(f"""
-        from brpg.trainer import train_main, tiny_demo_config
+        from brpg.trainer import train_main
+        from brpg.testing import tiny_demo_config
         r = train_main(tiny_demo_config("supervised", ["trainer.epochs=200"]), {str(out)!r})
         print("RESULT", r["stopped"], r["iterations"])
     """)
@@ -189,13 +195,13 @@ def test_variants_grad_accum_no_teacher_bn_forward_tensorboard(tmp_path):
                                             "trainer.tensorboard=true", "trainer.progress=true"])
     tr = Trainer(cfg, out_dir=tmp_path)
     assert tr.iters_per_epoch == len(tr.loaders["unlabeled"]) // 2
-    t_buf0 = {k: v.clone() for k, v in tr.teacher.state_dict().items() if "running_mean" in k}
+    t_buf0 = {k: v.clone() for k, v in tr.method.teacher.state_dict().items() if "running_mean" in k}
     r = tr.fit()
     assert r["iterations"] == 1 and r["final_miou"] is not None
     logs = [h for h in tr.history if h["type"] == "train"]
     assert all(h["loss_unsup"] > 0 and h["phase"] == "semi" for h in logs)
     # without the train-mode teacher forward the teacher's BN buffers follow the student by EMA (d = 0 at t = 0)
-    s_buf, t_buf = tr.student.state_dict(), tr.teacher.state_dict()
+    s_buf, t_buf = tr.student.state_dict(), tr.method.teacher.state_dict()
     assert all(torch.equal(t_buf[k], s_buf[k]) and not torch.equal(t_buf[k], t_buf0[k]) for k in t_buf0)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     ev = EventAccumulator(str(tmp_path / "tb")); ev.Reload()
@@ -213,7 +219,7 @@ def test_recluster_keeps_queues_and_emits_updates(tmp_path):
                  callbacks=[rec], out_dir=tmp_path)
     tr.fit()
     assert rec.ev[0] == ("init", 4) and ("upd", 5) in rec.ev          # re-clustered before iteration 6
-    assert tr.queues is not None and int(tr.queues["high"].counts.sum() + tr.queues["low"].counts.sum()) > 0
+    assert tr.method.queues is not None and int(tr.method.queues["high"].counts.sum() + tr.method.queues["low"].counts.sum()) > 0
     assert load_checkpoint(tmp_path / "last.pt")["queues"] is not None
 
 
@@ -233,10 +239,10 @@ def test_teacher_hand_over_bn_buffers(tmp_path, copy_bn):
     cfg = tiny_demo_config("mean_teacher", [f"method.teacher_copy_bn={str(copy_bn).lower()}"])
     tr = Trainer(cfg, callbacks=[StopAt(2)], out_dir=tmp_path / "r")
     tr.fit()
-    assert tr.teacher_start == 2
-    tr._phase_changes(tr.teacher_start, 1)
-    for a, b in zip(tr.teacher.parameters(), tr.student.parameters()): assert torch.equal(a, b)
-    same = [torch.equal(a, b) for a, b in zip(tr.teacher.buffers(), tr.student.buffers()) if a.is_floating_point()]
+    assert tr.method.teacher_start == 2
+    tr.method.begin_iteration(tr.method.teacher_start)
+    for a, b in zip(tr.method.teacher.parameters(), tr.student.parameters()): assert torch.equal(a, b)
+    same = [torch.equal(a, b) for a, b in zip(tr.method.teacher.buffers(), tr.student.buffers()) if a.is_floating_point()]
     assert all(same) if copy_bn else not all(same)
 
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from brpg.testing import SyntheticBank, SyntheticTrainer, synthetic_features
 from brpg.views import (BankSnapshot, ConfidenceStatsView, DriftRecorder, FeatureSpaceView, PrototypeDriftView,
-                        SyntheticBank, SyntheticTrainer, TrainingDashboard, confidence_stats, from_checkpoint,
-                        open_run, project_2d, read_metrics, snapshot_bank, synthetic_features)
+                        TrainingDashboard, confidence_stats, from_checkpoint, open_run, project_2d, read_metrics,
+                        snapshot_bank)
 
 
 @pytest.fixture(scope="module")
@@ -229,8 +230,10 @@ def test_real_prototype_bank_snapshot_and_drift():
     assert h["from_init"].shape == (1, C, 6) and (h["from_init"][0][s.valid] > 0).all()
 
 
+@pytest.mark.slow
 def test_dashboard_with_real_trainer(tmp_path):
-    from brpg.trainer import Trainer, tiny_demo_config
+    from brpg.trainer import Trainer
+    from brpg.testing import tiny_demo_config
     tr = Trainer(tiny_demo_config("brpg", ["trainer.val_every=4"]), out_dir=tmp_path, overwrite=True)
     dash = TrainingDashboard(tr, interval=0.2, feature_interval=0)
     assert dash.class_names == tr.class_names and dash.features.threshold.value == tr.cfg.method.high_threshold
@@ -241,16 +244,16 @@ def test_dashboard_with_real_trainer(tmp_path):
     assert its[-1] == tr.iteration and len(its) == len([h for h in tr.history if h.get("type") == "train"])
     assert len(dash.curves.artists["val"]["miou"].get_xdata()) >= 2
     h = dash.recorder.history()
-    assert len(h["iterations"]) > 0 and h["from_init"].shape[1:] == tuple(tr.bank.protos.shape[:2])
+    assert len(h["iterations"]) > 0 and h["from_init"].shape[1:] == tuple(tr.method.bank.protos.shape[:2])
     assert n_pts(dash.features.artists["high"]) + n_pts(dash.features.artists["low"]) > 0
-    assert n_pts(dash.features.artists["proto_high"]) + n_pts(dash.features.artists["proto_low"]) == int(tr.bank.valid.sum())
+    assert n_pts(dash.features.artists["proto_high"]) + n_pts(dash.features.artists["proto_low"]) == int(tr.method.bank.valid.sum())
     od = open_run(tmp_path)
     assert od.class_names == tr.class_names
     np.testing.assert_allclose(od.drift.history()["from_init"], h["from_init"])
     (tmp_path / "views_state.npz").unlink()                       # no saved sample: computed from the checkpoint's model
     od2 = open_run(tmp_path, n_images=2)
     assert not od2.error.outputs, od2.error.outputs
-    assert od2.drift.history()["from_init"].shape == (1,) + tuple(tr.bank.protos.shape[:2])
+    assert od2.drift.history()["from_init"].shape == (1,) + tuple(tr.method.bank.protos.shape[:2])
     y = od2.features.labels
     assert len(y) > 0 and y.max() < tr.cfg.data.num_classes and od2.features.feats.shape[1] == tr.cfg.model.rep_dim
     assert n_pts(od2.features.artists["high"]) + n_pts(od2.features.artists["low"]) == len(y)

@@ -1,8 +1,12 @@
 """The projection switch of FeatureSpaceView with a real UMAP fit. Separate from test_views.py because UMAP's
 first fit in a process compiles numba code (about 7 s on an idle machine, up to ~30 s on a loaded one)."""
 import numpy as np
+import pytest
 
-from brpg.views import FeatureSpaceView, SyntheticBank, synthetic_features
+from brpg.views import FeatureSpaceView
+from brpg.testing import SyntheticBank, synthetic_features
+
+pytestmark = pytest.mark.slow
 
 
 def test_projection_method_switch_reprojects():
