@@ -1,4 +1,4 @@
-"""Cost of BRPG's prototype machinery (brpg-method.md §8) against one DeepLabV3+-ResNet-101 forward+backward.
+"""Cost of BRPG's prototype machinery (docs/method.md §8) against one DeepLabV3+-ResNet-101 forward+backward.
 
 Measures, at VOC scale (C=21, 86 prototypes) and COCO scale (C=81, 332 prototypes), with the official batch
 (4 labeled + 4 unlabeled images per process, 513 crop -> 129x129 stride-4 map, 256-d rep):

@@ -37,7 +37,7 @@ def F(default, help: str, choices=None):
 # %% ../nbs/00_config.ipynb #f863b53e
 @dataclass
 class DataConfig:
-    "Dataset, splits and the augmentation pipelines of brpg-method.md §2."
+    "Dataset, splits and the augmentation pipelines of docs/method.md §2."
     dataset: str = F("demo", "dataset format", choices=("demo", "brain", "voc", "cityscapes", "coco", "folder"))
     root: str = F("", "dataset root folder (JPEGImages/..., leftImg8bit/..., images/...); unused for demo")
     split_dir: str = F("", "folder holding labeled.txt / unlabeled.txt (and optionally val.txt); '' = <root>/splits")
@@ -47,7 +47,7 @@ class DataConfig:
     crop_size: int = F(513, "square training crop (VOC/COCO 513, Cityscapes 769)")
     scale_range: list = F([0.5, 2.0], "random resize range of the training pipelines")
     flip_prob: float = F(0.5, "horizontal flip probability (labeled and unlabeled)")
-    label_pad_value: int = F(255, "label value of padded crop areas; the official code pads with 0 (§2.1, a U2PL bug)")
+    label_pad_value: int = F(255, "label value of padded crop areas; the official code pads with 0 (docs/method.md §2.1, a U2PL bug)")
     mean: list = F([123.675, 116.28, 103.53], "normalisation mean (0-255 scale)")
     std: list = F([58.395, 57.12, 57.375], "normalisation std (0-255 scale)")
     color_jitter: list = F([0.5, 0.5, 0.5, 0.25], "strong view ColorJitter (brightness, contrast, saturation, hue)")
@@ -55,7 +55,7 @@ class DataConfig:
     grayscale_prob: float = F(0.2, "probability of RandomGrayscale on the strong view")
     blur_prob: float = F(0.5, "probability of Gaussian blur on the strong view")
     blur_sigma: list = F([0.1, 2.0], "Gaussian blur sigma range of the strong view")
-    cutmix_prob: float = F(0.5, "probability of CutMix per unlabeled batch (one coin per batch, §2.3)")
+    cutmix_prob: float = F(0.5, "probability of CutMix per unlabeled batch (one coin per batch, docs/method.md §2.3)")
     batch_size_labeled: int = F(4, "labeled images per step per process")
     batch_size_unlabeled: int = F(4, "unlabeled images per step per process")
     num_workers: int = F(2, "DataLoader worker processes")
@@ -74,7 +74,7 @@ class DataConfig:
 # %% ../nbs/00_config.ipynb #66e8e654
 @dataclass
 class ModelConfig:
-    "Segmenter architecture (brpg-method.md §3)."
+    "Segmenter architecture (docs/method.md §3)."
     arch: str = F("deeplabv3plus", "decoder type", choices=("deeplabv3plus", "segformer"))
     backbone: str = F("resnet101", "timm backbone name (features_only), or resnet50_deep / resnet101_deep (U2PL's 64-64-128 deep stem); COCO officially uses Xception-65")
     pretrained: bool = F(True, "ImageNet weights from timm's hub or its local cache; ignored when pretrained_path is set (see weights.json of a run)")
@@ -90,22 +90,22 @@ class ModelConfig:
 # %% ../nbs/00_config.ipynb #1cb25996
 @dataclass
 class MethodConfig:
-    "The SSL method: losses, mean teacher, and every prototype knob of CPG / APO / EMA (§1, §4, §5)."
+    "The SSL method: losses, mean teacher, and every prototype knob of CPG / APO / EMA (docs/method.md §1, docs/method.md §4, docs/method.md §5)."
     name: str = F("brpg", "which method to train", choices=method_choices)
-    # supervised loss L_s (§1.3)
+    # supervised loss L_s (docs/method.md §1.3)
     ce_weight: float = F(0.5, "weight of plain CE in L_s")
     ohem_weight: float = F(0.5, "weight of OHEM CE in L_s")
     ohem_thresh: float = F(0.7, "OHEM probability threshold")
     ohem_min_kept: int = F(100000, "OHEM minimum number of kept pixels per batch")
-    # unsupervised loss L_u (§1.4)
+    # unsupervised loss L_u (docs/method.md §1.4)
     unsup_weight: float = F(1.0, "lambda_u, weight of L_u")
     drop_percent: float = F(80.0, "U2PL: percentile of kept pixels at epoch 0 (drops 100-x%, falling to 0%)")
-    # mean teacher (§1.2)
+    # mean teacher (docs/method.md §1.2)
     sup_only_epochs: int = F(1, "epochs of supervised-only warm-up (S)")
     ema_decay: float = F(0.99, "teacher EMA decay (ramped as min(1-1/(t+1), decay))")
     teacher_bn_train_forward: bool = F(True, "teacher train-mode forward on [labeled, strong] for entropy and BN stats (official)")
     teacher_copy_bn: bool = F(False, "also copy the student's BN buffers into the teacher at the hand-over (official: False, the teacher keeps its stale statistics)")
-    # CPG sampling (§4.2)
+    # CPG sampling (docs/method.md §4.2)
     sample_delay: int = F(1, "first epoch that pushes features into the queues (D)")
     sample_last: int = F(1, "number of sampling epochs (T); prototypes are initialised at epoch D+T")
     sample_pixel_num: int = F(5000, "per-image cap of candidates pushed per iteration")
@@ -114,7 +114,7 @@ class MethodConfig:
     confidence_split: bool = F(True, "CPG: queue high- and low-confidence pixels apart (False = the paper's ablation: each candidate goes to a random queue)")
     pseudo_threshold: float = F(0.8, "unlabeled teacher confidence >= this -> high queue; start of the loss threshold ramp")
     queue_len: int = F(30000, "capacity of each per-class high / low ring buffer")
-    # prototypes (§4.4, §4.5)
+    # prototypes (docs/method.md §4.4, docs/method.md §4.5)
     high_prototype_num: int = F(2, "k-means centres per class from the high-confidence queue")
     low_prototype_num: int = F(2, "k-means centres per class from the low-confidence queue")
     proto_add: bool = F(True, "APO: add prototypes to the most dispersed classes")
@@ -130,19 +130,19 @@ class MethodConfig:
     fault_weight: float = F(1.0, "EMA weight of pixels the prototype classifier gets wrong (1 = official, no effect)")
     recluster_every: int = F(0, "re-cluster prototypes from live queues every N iterations (0 = never, official)")
     sync_prototypes: bool = F(True, "all-reduce the EMA sums across DDP ranks (official: False, ranks drift)")
-    # prototype loss L_pro (§5)
+    # prototype loss L_pro (docs/method.md §5)
     temperature: float = F(0.1, "tau of the cosine logits")
     grid_num: int = F(32, "labeled grid: (grid_num+1)^2 pixels per image; (data.crop_size-1)/grid_num must be a multiple of 4; 0 = derive from the crop (32 at 513)")
     unsup_sample_num: int = F(1000, "at most B*this confident unlabeled pixels per batch in L_pro")
     threshold_ramp_end: float = F(0.95, "loss threshold for unlabeled pixels at the end of training")
     threshold_ramp_anchor_epoch: int = F(5, "epoch at which the ramp equals pseudo_threshold (hard-coded 5 officially)")
-    proto_loss_weight: float = F(0.25, "lambda_pro; 0.25 equals the official 1.0 divided by its 4 GPUs (§0.5)")
+    proto_loss_weight: float = F(0.25, "lambda_pro; 0.25 equals the official 1.0 divided by its 4 GPUs (docs/method.md §0.5)")
     proto_loss_divide_by_world_size: bool = F(False, "reproduce the official 1/world_size gradient scaling of L_pro")
 
 # %% ../nbs/00_config.ipynb #55b5661f
 @dataclass
 class TrainerConfig:
-    "Optimiser, schedule, precision, checkpoints and logging (§1.5)."
+    "Optimiser, schedule, precision, checkpoints and logging (docs/method.md §1.5)."
     epochs: int = F(80, "training epochs (one epoch = one pass over the unlabeled set)")
     iters_per_epoch: int = F(0, "iterations per epoch; 0 = unlabeled set size / (batch * world size) (the labeled set's for a supervised run without unlabeled images)")
     max_iters: int = F(0, "stop after this many iterations (0 = epochs * iters_per_epoch)")
@@ -166,7 +166,7 @@ class TrainerConfig:
 # %% ../nbs/00_config.ipynb #c618031e
 @dataclass
 class EvalConfig:
-    "Inference protocol (§9.3) and metrics."
+    "Inference protocol (docs/method.md §9.3) and metrics."
     mode: str = F("center_crop", "inference mode", choices=("center_crop", "whole", "sliding"))
     crop_size: int = F(513, "sliding-window / centre-crop size")
     stride: int = F(0, "sliding-window stride; 0 = ceil(2/3 * crop_size) as the official eval.py")

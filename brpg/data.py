@@ -25,7 +25,7 @@ __all__ = ['VOC_CLASSES', 'CITYSCAPES_CLASSES', 'COCO_CLASSES', 'DEMO_CLASSES', 
            'UnlabeledDataset', 'ValDataset', 'default_cache_dir', 'Catalog', 'resolve_num_classes', 'dataset_root',
            'dataset_catalog', 'validate_dataset', 'build_datasets', 'image_modes', 'data_report', 'mix_seed',
            'resample_indices', 'Resampled', 'SeededSampler', 'ShardSampler', 'seed_worker', 'pad_collate',
-           'build_loaders', 'cutmix_masks', 'apply_cutmix']
+           'build_loaders', 'loader_pass', 'cutmix_masks', 'apply_cutmix']
 
 # %% ../nbs/01_data.ipynb #4556928b
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -214,7 +214,7 @@ def pad_crop(tensors, fills, crop: int, g: torch.Generator | None, symmetric: bo
     return [t[..., y0:y0 + crop, x0:x0 + crop] for t in tensors]
 
 def labeled_transform(img: torch.Tensor, mask: torch.Tensor, dc: DataConfig, g: torch.Generator):
-    "uint8 [3,H,W] + long [H,W] -> normalised float [3,c,c] + long [c,c] (§2.1)."
+    "uint8 [3,H,W] + long [H,W] -> normalised float [3,c,c] + long [c,c] (docs/method.md §2.1)."
     x = normalize(img.float(), dc.mean, dc.std)
     s = draw_scale(g, dc.scale_range)
     H, W = x.shape[-2:]
@@ -245,7 +245,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return TF.gaussian_blur(x, [k, k], [sigma, sigma]) if k > 1 else x
 
 def unlabeled_transform(img: torch.Tensor, dc: DataConfig, g: torch.Generator):
-    "uint8 [3,H,W] -> (weak float[3,c,c], strong float[3,c,c], valid long[c,c]) (§2.2)."
+    "uint8 [3,H,W] -> (weak float[3,c,c], strong float[3,c,c], valid long[c,c]) (docs/method.md §2.2)."
     H, W = img.shape[-2:]
     L = max(H, W)
     lo, hi = int(dc.scale_range[0] * L), int(dc.scale_range[1] * L)
@@ -267,7 +267,7 @@ def unlabeled_transform(img: torch.Tensor, dc: DataConfig, g: torch.Generator):
             valid.contiguous())
 
 def val_transform(img: torch.Tensor, mask: torch.Tensor, dc: DataConfig):
-    "Normalise, then centre-crop to `val_crop_size` (pad image 0, label `label_pad_value`); 0 = whole image (§9.3)."
+    "Normalise, then centre-crop to `val_crop_size` (pad image 0, label `label_pad_value`); 0 = whole image (docs/method.md §9.3)."
     x = normalize(img.float(), dc.mean, dc.std)
     if dc.val_crop_size > 0: x, mask = pad_crop([x, mask], [0.0, dc.label_pad_value], dc.val_crop_size, None, symmetric=True)
     return x.contiguous(), mask.contiguous()
@@ -293,7 +293,7 @@ class SegDataset(Dataset):
         return int(key), int(torch.randint(0, 2**62, (1,)))
 
 class LabeledDataset(SegDataset):
-    "Labeled images: `{'image', 'mask', 'id'}` after the §2.1 pipeline."
+    "Labeled images: `{'image', 'mask', 'id'}` after the docs/method.md §2.1 pipeline."
     def __getitem__(self, key):
         i, seed = self._key(key)
         img, m = self.read(i)
@@ -302,7 +302,7 @@ class LabeledDataset(SegDataset):
         return {"image": x, "mask": m, "id": self.samples[i].id}
 
 class UnlabeledDataset(SegDataset):
-    "Unlabeled images: `{'weak', 'strong', 'valid', 'id'}` after the §2.2 pipeline (no mask needed)."
+    "Unlabeled images: `{'weak', 'strong', 'valid', 'id'}` after the docs/method.md §2.2 pipeline (no mask needed)."
     def __getitem__(self, key):
         i, seed = self._key(key)
         img, _ = self.read(i, with_mask=False)
@@ -310,7 +310,7 @@ class UnlabeledDataset(SegDataset):
         return {"weak": w, "strong": s, "valid": v, "id": self.samples[i].id}
 
 class ValDataset(SegDataset):
-    "Validation images: `{'image', 'mask', 'id'}`, whole or centre-cropped (§9.3); deterministic."
+    "Validation images: `{'image', 'mask', 'id'}`, whole or centre-cropped (docs/method.md §9.3); deterministic."
     def __getitem__(self, key):
         i = int(key[0]) if isinstance(key, (tuple, list)) else int(key)
         img, m = self.read(i)
@@ -612,6 +612,17 @@ def build_loaders(cfg: Config, datasets: dict, rank: int = 0, world_size: int = 
         "val": loader(val, ShardSampler(len(val), rank, world_size), cfg.eval.batch_size, False, 2,
                       collate=functools.partial(pad_collate, ignore_index=d.ignore_index)),
     }
+
+# %% ../nbs/01_data.ipynb #e48cecd2
+def loader_pass(loader: DataLoader, epoch_id: int, skip: int):
+    "Iterator over `loader` for sampler epoch `epoch_id`, starting after `skip` batches."
+    smp = loader.sampler
+    if hasattr(smp, "set_epoch"): smp.set_epoch(epoch_id)
+    if skip <= 0: return iter(loader)
+    rest = list(iter(smp))[skip * loader.batch_size:]
+    return iter(DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=rest, drop_last=loader.drop_last,
+                           collate_fn=loader.collate_fn, num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+                           worker_init_fn=loader.worker_init_fn, generator=loader.generator))
 
 # %% ../nbs/01_data.ipynb #637a624d
 def cutmix_masks(batch_size: int, H: int, W: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:

@@ -57,7 +57,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
 # %% ../nbs/07_losses.ipynb #c6f5fe69
 def supervised_loss(logits: torch.Tensor, target: torch.Tensor, method_cfg: MethodConfig,
                     ignore_index: int = 255) -> torch.Tensor:
-    "L_s = ce_weight * CE + ohem_weight * OHEM on logits already upsampled to the label size (§1.3)."
+    "L_s = ce_weight * CE + ohem_weight * OHEM on logits already upsampled to the label size (docs/method.md §1.3)."
     ce, valid, q = _pixel_ce(logits, target, ignore_index)          # one log-softmax for both terms
     loss = method_cfg.ce_weight * _masked_mean(ce, valid)
     if method_cfg.ohem_weight:
@@ -89,7 +89,7 @@ def _percentile(values: torch.Tensor, valid: torch.Tensor, percent) -> torch.Ten
 # %% ../nbs/07_losses.ipynb #7287cf22
 def u2pl_unsup_loss(logits: torch.Tensor, pseudo: torch.Tensor, entropy: torch.Tensor, percent: float,
                     ignore_index: int = 255) -> torch.Tensor:
-    "L_u: drop pixels with entropy >= the `percent`-th percentile, CE over the rest times B*H*W/#kept (§1.4)."
+    "L_u: drop pixels with entropy >= the `percent`-th percentile, CE over the rest times B*H*W/#kept (docs/method.md §1.4)."
     if entropy.shape != pseudo.shape:
         raise ValueError(f"u2pl_unsup_loss: entropy {tuple(entropy.shape)} must match pseudo {tuple(pseudo.shape)}")
     ce, valid, _ = _pixel_ce(logits, pseudo, ignore_index)

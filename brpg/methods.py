@@ -160,7 +160,7 @@ def copy_params(dst: nn.Module, src: nn.Module):
 # %% ../nbs/07a_methods.ipynb #c67899d7
 @register_method
 class MeanTeacher(Method):
-    "Student + EMA teacher: teacher pseudo-labels on the weak view, CutMix on the strong view, U2PL's `L_u` (§1.4)."
+    "Student + EMA teacher: teacher pseudo-labels on the weak view, CutMix on the strong view, U2PL's `L_u` (docs/method.md §1.4)."
     name = "mean_teacher"
     terms = ("loss", "loss_sup", "loss_unsup")
     uses_unlabeled = True
@@ -197,7 +197,7 @@ def end_iteration(self: MeanTeacher, it: int):
 @patch
 @torch.no_grad()
 def after_labeled_forward(self: MeanTeacher, x_l):
-    "Warm-up: the teacher's train-mode forward on the labeled batch keeps its BN statistics current (§1.2)."
+    "Warm-up: the teacher's train-mode forward on the labeled batch keeps its BN statistics current (docs/method.md §1.2)."
     if self.m.teacher_bn_train_forward:
         with self.tr.autocast():
             self.teacher.train(); self.teacher(x_l)
@@ -228,7 +228,7 @@ def semi_forward(self: MeanTeacher, batch: dict, it: int) -> SimpleNamespace:
     B_l, B_u, (H, W) = x_l.shape[0], x_w.shape[0], tuple(y_l.shape[-2:])
     cands = self.sampling_on(it // self.ipe) or self.wants_view(it)
     conf_u, yhat_u, ent, unl_c = self.pseudo_labels(x_w, (H, W), cands)
-    if random.random() < self.cfg.data.cutmix_prob:          # one coin per batch (§2.3)
+    if random.random() < self.cfg.data.cutmix_prob:          # one coin per batch (docs/method.md §2.3)
         box = bdata.cutmix_masks(B_u, H, W, device=dev)
         x_s, yhat_u, conf_u = (bdata.apply_cutmix(t, box) for t in (x_s, yhat_u, conf_u))
         if ent is not None: ent = bdata.apply_cutmix(ent, box)
@@ -260,7 +260,7 @@ def step(self: MeanTeacher, batch: dict, it: int) -> dict:
 # %% ../nbs/07a_methods.ipynb #fde1d3cf
 @register_method
 class BRPG(MeanTeacher):
-    "Mean teacher + CPG (confidence-split queues, clustering), APO (extra prototypes) and `L_pro` (§4, §5)."
+    "Mean teacher + CPG (confidence-split queues, clustering), APO (extra prototypes) and `L_pro` (docs/method.md §4, docs/method.md §5)."
     name = "brpg"
     terms = ("loss", "loss_sup", "loss_unsup", "loss_proto")
     uses_prototypes = True
@@ -277,7 +277,7 @@ class BRPG(MeanTeacher):
 # %% ../nbs/07a_methods.ipynb #590a5ae1
 @patch
 def threshold(self: BRPG, it: int) -> float:
-    "The unlabeled-pixel threshold of `L_pro` at iteration `it` (§5.2: ramps from `pseudo_threshold`)."
+    "The unlabeled-pixel threshold of `L_pro` at iteration `it` (docs/method.md §5.2: ramps from `pseudo_threshold`)."
     m = self.m
     try: return float(bsampling.loss_threshold(max(it, 0), self.ipe, self.cfg.trainer.epochs, m.pseudo_threshold,
                                                m.threshold_ramp_end, m.threshold_ramp_anchor_epoch))
@@ -304,7 +304,7 @@ def new_queues(self: BRPG) -> dict:
 @patch
 @torch.no_grad()
 def push(self: BRPG, lab_c, unl_c, batch_size: int):
-    "Subsample this step's candidates (§4.2), gather them from every rank and push them into the queues."
+    "Subsample this step's candidates (docs/method.md §4.2), gather them from every rank and push them into the queues."
     m = self.m
     if self.queues is None: self.queues = self.new_queues()
     hf, hl, hc, lf, ll, lc = bsampling.queue_candidates(lab_c, unl_c, batch_size, m.sample_pixel_num)
@@ -330,7 +330,7 @@ def begin_iteration(self: BRPG, it: int):
                               f"(method.sample_delay={m.sample_delay}, method.sample_last={m.sample_last})")
         self.bank.init_from_queues(self.queues["high"], self.queues["low"], m)   # broadcasts rank 0's result
         self.bank_ready = True
-        if m.recluster_every == 0: self.queues = None          # freed, as the official code (§4.4)
+        if m.recluster_every == 0: self.queues = None          # freed, as the official code (docs/method.md §4.4)
         self.tr.emit("on_prototypes_initialized", self.bank)
     elif (self.bank_ready and m.recluster_every > 0 and it > self.proto_init_iter
           and (it - self.proto_init_iter) % m.recluster_every == 0 and self.queues is not None):

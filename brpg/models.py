@@ -28,7 +28,7 @@ def conv_bn_relu(cin: int, cout: int, k: int = 1, dilation: int = 1, bias: bool 
 
 # %% ../nbs/02_models.ipynb #d0e86616
 class Head(nn.Sequential):
-    "Classifier / representation head of §3: [3×3 conv-BN-ReLU-Dropout2d] ×2, then a plain 1×1 conv."
+    "Classifier / representation head of docs/method.md §3: [3×3 conv-BN-ReLU-Dropout2d] ×2, then a plain 1×1 conv."
     def __init__(self, cin: int = 512, mid: int = 256, cout: int = 21, dropout: float = 0.1):
         super().__init__(conv_bn_relu(cin, mid, 3, bias=True), nn.Dropout2d(dropout),
                          conv_bn_relu(mid, mid, 3, bias=True), nn.Dropout2d(dropout),
@@ -374,7 +374,7 @@ class Segmenter(nn.Module):
 
 # %% ../nbs/02_models.ipynb #59ab7550
 def create_segmenter(model_cfg: ModelConfig, num_classes: int) -> Segmenter:
-    "Build the BRPG segmenter of §3 from `model_cfg` (arch, backbone, weights, output stride, widths)."
+    "Build the BRPG segmenter of docs/method.md §3 from `model_cfg` (arch, backbone, weights, output stride, widths)."
     if not isinstance(num_classes, int) or num_classes < 1: raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     deeplab = model_cfg.arch == "deeplabv3plus"
     if not deeplab and model_cfg.arch != "segformer":

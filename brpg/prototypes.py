@@ -42,7 +42,7 @@ def apo_dispersion(feats: torch.Tensor, mask: torch.Tensor, measure: str = "cos_
 # %% ../nbs/06_prototypes.ipynb #53f4a535
 def apo_extra(feats: torch.Tensor, mask: torch.Tensor, proportion: float, add_num: int,
               measure: str = "cos_sim") -> torch.Tensor:
-    "APO (§4.5): extra prototypes per group (`add_num` for the `max(1, round(proportion*G))` most dispersed, ties included)."
+    "APO (docs/method.md §4.5): extra prototypes per group (`add_num` for the `max(1, round(proportion*G))` most dispersed, ties included)."
     G = feats.shape[0]
     disp = apo_dispersion(feats, mask, measure)
     n_add = min(max(1, round(proportion * G)), G)

@@ -180,7 +180,7 @@ def labeled_candidates(pred: torch.Tensor, rep: torch.Tensor, gt: torch.Tensor, 
 @torch.no_grad()
 def unlabeled_candidates(prob_small: torch.Tensor, rep: torch.Tensor, thr: float = 0.8):
     """Confident unlabeled pixels at stride 4 (teacher softmax `[B,C,h,w]`): `(feats, labels)` with `.conf`.
-    Only the high queue receives unlabeled pixels (§4.2)."""
+    Only the high queue receives unlabeled pixels (docs/method.md §4.2)."""
     _check_maps("unlabeled_candidates", ("prob_small", prob_small), ("rep", rep))
     conf, yhat = prob_small.max(1)
     m = (conf >= thr).flatten()
@@ -204,7 +204,7 @@ def random_subset(n_max: int, *tensors, generator: torch.Generator | None = None
 # %% ../nbs/04_sampling.ipynb #1094c8d0
 def queue_candidates(lab, unl=None, batch_size: int = 1, pixel_num: int = 5000,
                      generator: torch.Generator | None = None, max_high: int | None = None, max_low: int | None = None):
-    """One sampling step (§4.2): `lab` from `labeled_candidates`, `unl` from `unlabeled_candidates` (or None).
+    """One sampling step (docs/method.md §4.2): `lab` from `labeled_candidates`, `unl` from `unlabeled_candidates` (or None).
     Returns `(hi_feats, hi_labels, hi_conf, lo_feats, lo_labels, lo_conf)`, high capped at
     `max_high` (default `pixel_num*2*batch_size`), low at `max_low` (default `pixel_num*batch_size`),
     chosen uniformly at random."""

@@ -253,7 +253,7 @@ def plot_curves(runs, path, title=""):
 def test_predictions(run_dirs: dict, cfg, n: int = 4):
     "Images, ground truths and each method's predictions (best.pt) for `n` test images spread over the split."
     import numpy as np
-    from brpg.cli import load_checkpoint, model_from_checkpoint
+    from brpg.checkpoint import read_checkpoint, model_from_checkpoint
     from brpg.data import ValDataset, dataset_catalog, read_samples, denormalize
     from brpg.metrics import infer
     cat = dataset_catalog(cfg); split = test_split(cfg) or cat.split_dir / "val.txt"
@@ -262,7 +262,7 @@ def test_predictions(run_dirs: dict, cfg, n: int = 4):
     imgs = [denormalize(it["image"], cfg.data.mean, cfg.data.std).permute(1, 2, 0).clamp(0, 1).numpy() for it in items]
     preds = {}
     for m, d in run_dirs.items():
-        ck = load_checkpoint(Path(d) / "best.pt")
+        ck = read_checkpoint(Path(d) / "best.pt")
         model = model_from_checkpoint(ck, cfg)
         preds[m] = [infer(model, it["image"][None], cfg.data.num_classes, mode="whole").argmax(1)[0].numpy() for it in items]
     return imgs, [it["mask"].numpy() for it in items], preds, [it["id"] for it in items]

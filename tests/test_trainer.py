@@ -44,7 +44,7 @@ def test_resume_is_exact(tmp_path):
     cfg = tiny_demo_config("brpg", ["trainer.epochs=4"])          # init at iteration 4
     straight = Trainer(cfg, out_dir=tmp_path / "a")
     straight.fit()
-    assert straight.iteration == 8 and bool(straight.bank.initialized)
+    assert straight.iteration == 8 and bool(straight.method.bank.initialized)
 
     tr = Trainer(cfg, callbacks=[StopAt(3)], out_dir=tmp_path / "b")
     r = tr.fit()
