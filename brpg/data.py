@@ -22,7 +22,7 @@ __all__ = ['VOC_CLASSES', 'CITYSCAPES_CLASSES', 'COCO_CLASSES', 'DEMO_CLASSES', 
            'normalize', 'denormalize', 'DatasetError', 'Sample', 'read_split', 'cityscapes_label_path', 'parse_line',
            'read_samples', 'load_image', 'load_mask', 'check_mask', 'draw_scale', 'pad_crop', 'labeled_transform',
            'color_jitter', 'gaussian_blur', 'unlabeled_transform', 'val_transform', 'SegDataset', 'LabeledDataset',
-           'UnlabeledDataset', 'ValDataset', 'default_cache_dir', 'Catalog', 'resolve_num_classes', 'dataset_root',
+           'UnlabeledDataset', 'ValDataset', 'default_cache_dir', 'Catalog', 'dataset_root', 'resolve_num_classes',
            'dataset_catalog', 'validate_dataset', 'build_datasets', 'image_modes', 'data_report', 'mix_seed',
            'resample_indices', 'Resampled', 'SeededSampler', 'ShardSampler', 'seed_worker', 'pad_collate',
            'build_loaders', 'loader_pass', 'cutmix_masks', 'apply_cutmix']
@@ -31,9 +31,12 @@ __all__ = ['VOC_CLASSES', 'CITYSCAPES_CLASSES', 'COCO_CLASSES', 'DEMO_CLASSES', 
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
                "train", "tvmonitor"]
+
 CITYSCAPES_CLASSES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
                       "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
                       "motorcycle", "bicycle"]
+
+# %% ../nbs/01_data.ipynb #5d43f208
 COCO_CLASSES = ["background", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck",
     "boat", "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
     "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie",
@@ -43,6 +46,7 @@ COCO_CLASSES = ["background", "person", "bicycle", "car", "motorcycle", "airplan
     "couch", "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
     "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
     "teddy bear", "hair drier", "toothbrush"]
+
 DEMO_CLASSES = ["background"] + [f"digit {i}" for i in range(10)]
 
 # %% ../nbs/01_data.ipynb #fbc66390
@@ -57,6 +61,7 @@ def voc_palette(n: int = 256) -> np.ndarray:
     # indices >= 2**24 would wrap; no segmentation dataset comes close
     return pal.astype(np.uint8)
 
+# %% ../nbs/01_data.ipynb #16aa111f
 def colorize(mask, palette=None):
     "Class-index mask [..., H, W] (tensor or array) -> uint8 RGB [..., H, W, 3] of the same kind."
     is_t = isinstance(mask, torch.Tensor)
@@ -67,6 +72,7 @@ def colorize(mask, palette=None):
     out = pal[m]
     return torch.from_numpy(out) if is_t else out
 
+# %% ../nbs/01_data.ipynb #b17da67d
 def normalize(img: torch.Tensor, mean, std) -> torch.Tensor:
     "Float image [..., 3, H, W] on the 0-255 scale -> (img - mean) / std."
     mean = torch.as_tensor(mean, dtype=img.dtype, device=img.device).view(3, 1, 1)
@@ -91,6 +97,7 @@ class Sample:
     mask: Path | None
     source: str
 
+# %% ../nbs/01_data.ipynb #3de9b04a
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 def read_split(path) -> list[tuple[int, list[str]]]:
@@ -110,6 +117,7 @@ def cityscapes_label_path(rel: str) -> str:
     p = rel.replace("leftImg8bit/", "gtFine/", 1) if rel.startswith("leftImg8bit/") else rel.replace("/leftImg8bit/", "/gtFine/", 1)
     return p[: -len("_leftImg8bit.png")] + "_gtFine_labelTrainIds.png"
 
+# %% ../nbs/01_data.ipynb #36fc7f55
 def _voc_mask_dir(root: Path) -> str:
     return "SegmentationClassAug" if (root / "SegmentationClassAug").is_dir() else "SegmentationClass"
 
@@ -122,6 +130,7 @@ def _folder_index(root: Path) -> dict:
             if p.suffix.lower() in IMG_EXTS: idx.setdefault(p.stem, p); idx[p.name] = p
     return idx
 
+# %% ../nbs/01_data.ipynb #e83341ff
 def parse_line(layout: str, root: Path, fields: list[str], with_mask: bool, source: str, index: dict | None = None) -> Sample:
     "One split line -> `Sample` for `layout` in voc / cityscapes / coco / folder."
     if len(fields) > 2: raise DatasetError(f"{source}: expected 1 or 2 fields, got {len(fields)}: {' '.join(fields)!r}")
@@ -147,6 +156,7 @@ def parse_line(layout: str, root: Path, fields: list[str], with_mask: bool, sour
         return Sample(sid, img, root / "masks" / f"{sid}.png" if with_mask else None, source)
     raise DatasetError(f"unknown dataset layout '{layout}'")
 
+# %% ../nbs/01_data.ipynb #230f1947
 def read_samples(path, layout: str, root, with_mask: bool, index: dict | None = None) -> list[Sample]:
     "All samples listed in split file `path`."
     root = Path(root)
@@ -164,6 +174,7 @@ def load_image(path, source: str = "") -> np.ndarray:
     except FileNotFoundError: raise DatasetError(f"{pre}image '{path}' not found") from None
     except (UnidentifiedImageError, OSError, ValueError) as e: raise DatasetError(f"{pre}image '{path}' cannot be read: {e}") from None
 
+# %% ../nbs/01_data.ipynb #e50c4f6f
 def load_mask(path, source: str = "") -> np.ndarray:
     "Class-index mask [H, W] (palette PNGs read as indices); `DatasetError` if missing, unreadable or multi-channel."
     pre = f"{source}: " if source else ""
@@ -177,6 +188,7 @@ def load_mask(path, source: str = "") -> np.ndarray:
         if isinstance(e, DatasetError): raise
         raise DatasetError(f"{pre}mask '{path}' cannot be read: {e}") from None
 
+# %% ../nbs/01_data.ipynb #f33d0f82
 def check_mask(mask: np.ndarray, image_hw, num_classes: int, ignore_index: int = 255, path="", source: str = ""):
     "Raise `DatasetError` if `mask` has another size than the image or values outside [0, C) ∪ {ignore}."
     pre = f"{source}: " if source else ""
@@ -200,6 +212,7 @@ def draw_scale(g: torch.Generator, scale_range=(0.5, 2.0)) -> float:
     if lo < 1.0 < hi: return lo + (1.0 - lo) * b if a < 0.5 else 1.0 + (hi - 1.0) * b
     return lo + (hi - lo) * b
 
+# %% ../nbs/01_data.ipynb #3b272593
 def pad_crop(tensors, fills, crop: int, g: torch.Generator | None, symmetric: bool = True):
     "Pad each [..., H, W] tensor with its fill up to `crop`, then crop one window (random with `g`, centred without)."
     H, W = tensors[0].shape[-2:]
@@ -213,6 +226,7 @@ def pad_crop(tensors, fills, crop: int, g: torch.Generator | None, symmetric: bo
         y0 = int(torch.randint(0, H - crop + 1, (1,), generator=g)); x0 = int(torch.randint(0, W - crop + 1, (1,), generator=g))
     return [t[..., y0:y0 + crop, x0:x0 + crop] for t in tensors]
 
+# %% ../nbs/01_data.ipynb #4870e889
 def labeled_transform(img: torch.Tensor, mask: torch.Tensor, dc: DataConfig, g: torch.Generator):
     "uint8 [3,H,W] + long [H,W] -> normalised float [3,c,c] + long [c,c] (docs/method.md §2.1)."
     x = normalize(img.float(), dc.mean, dc.std)
@@ -238,12 +252,14 @@ def color_jitter(x: torch.Tensor, params, g: torch.Generator) -> torch.Tensor:
         elif i == 3 and h > 0: x = TF.adjust_hue(x, -h + 2 * h * u[3])
     return x
 
+# %% ../nbs/01_data.ipynb #9fff4517
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     "Gaussian blur with std `sigma` (kernel 2*ceil(3σ)+1, clipped to the image) like PIL's GaussianBlur(radius=σ)."
     k = 2 * math.ceil(3 * sigma) + 1
     k = max(1, min(k, 2 * (min(x.shape[-2:]) - 1) + 1))
     return TF.gaussian_blur(x, [k, k], [sigma, sigma]) if k > 1 else x
 
+# %% ../nbs/01_data.ipynb #e329e48d
 def unlabeled_transform(img: torch.Tensor, dc: DataConfig, g: torch.Generator):
     "uint8 [3,H,W] -> (weak float[3,c,c], strong float[3,c,c], valid long[c,c]) (docs/method.md §2.2)."
     H, W = img.shape[-2:]
@@ -266,6 +282,7 @@ def unlabeled_transform(img: torch.Tensor, dc: DataConfig, g: torch.Generator):
     return (normalize(weak * 255.0, dc.mean, dc.std).contiguous(), normalize(strong * 255.0, dc.mean, dc.std).contiguous(),
             valid.contiguous())
 
+# %% ../nbs/01_data.ipynb #e22ba27e
 def val_transform(img: torch.Tensor, mask: torch.Tensor, dc: DataConfig):
     "Normalise, then centre-crop to `val_crop_size` (pad image 0, label `label_pad_value`); 0 = whole image (docs/method.md §9.3)."
     x = normalize(img.float(), dc.mean, dc.std)
@@ -292,6 +309,7 @@ class SegDataset(Dataset):
         if isinstance(key, (tuple, list)): return int(key[0]), int(key[1])
         return int(key), int(torch.randint(0, 2**62, (1,)))
 
+# %% ../nbs/01_data.ipynb #489484c5
 class LabeledDataset(SegDataset):
     "Labeled images: `{'image', 'mask', 'id'}` after the docs/method.md §2.1 pipeline."
     def __getitem__(self, key):
@@ -301,6 +319,7 @@ class LabeledDataset(SegDataset):
         x, m = labeled_transform(img, m, self.dc, torch.Generator().manual_seed(seed))
         return {"image": x, "mask": m, "id": self.samples[i].id}
 
+# %% ../nbs/01_data.ipynb #84928119
 class UnlabeledDataset(SegDataset):
     "Unlabeled images: `{'weak', 'strong', 'valid', 'id'}` after the docs/method.md §2.2 pipeline (no mask needed)."
     def __getitem__(self, key):
@@ -309,6 +328,7 @@ class UnlabeledDataset(SegDataset):
         w, s, v = unlabeled_transform(img, self.dc, torch.Generator().manual_seed(seed))
         return {"weak": w, "strong": s, "valid": v, "id": self.samples[i].id}
 
+# %% ../nbs/01_data.ipynb #efb813b7
 class ValDataset(SegDataset):
     "Validation images: `{'image', 'mask', 'id'}`, whole or centre-cropped (docs/method.md §9.3); deterministic."
     def __getitem__(self, key):
@@ -341,6 +361,7 @@ class Catalog:
 
 _FIXED_CLASSES = {"voc": VOC_CLASSES, "cityscapes": CITYSCAPES_CLASSES, "coco": COCO_CLASSES, "demo": DEMO_CLASSES}
 
+# %% ../nbs/01_data.ipynb #14c236be
 def _class_names(cfg: Config, layout_name: str, root: Path, problems: list) -> list:
     C = cfg.data.num_classes
     fixed = {"voc": VOC_CLASSES, "cityscapes": CITYSCAPES_CLASSES, "coco": COCO_CLASSES}.get(layout_name)
@@ -355,6 +376,23 @@ def _class_names(cfg: Config, layout_name: str, root: Path, problems: list) -> l
         names = (names + [f"class {i}" for i in range(len(names), C)])[:C]
     return names
 
+# %% ../nbs/01_data.ipynb #7a9b5be0
+def dataset_root(cfg: Config) -> Path:
+    "The dataset root; generates the demo or brain dataset when `cfg.data.dataset` names one."
+    d = cfg.data
+    if d.dataset == "demo":
+        from brpg.demo_data import make_demo_dataset
+        return make_demo_dataset(default_cache_dir(d.cache_dir), d.demo_num_images, d.demo_image_size, d.demo_seed,
+                                 d.demo_num_val, d.demo_num_labeled)
+    if d.dataset == "brain":
+        from brpg.brain import make_brain_dataset
+        return make_brain_dataset(default_cache_dir(d.cache_dir), d.brain_num_labeled, d.brain_image_size, d.brain_pool)
+    if not d.root: raise DatasetError(f"config key data.root is empty; dataset '{d.dataset}' needs its root folder")
+    root = Path(d.root).expanduser()
+    if not root.is_dir(): raise DatasetError(f"config key data.root: folder '{root}' not found (dataset '{d.dataset}')")
+    return root
+
+# %% ../nbs/01_data.ipynb #22a035a7
 def resolve_num_classes(cfg: Config) -> Config:
     """`cfg` itself, or, when `data.num_classes` is 0 (auto), a copy with the dataset's class count: the fixed list of
     voc / cityscapes / coco / demo / brain, else the lines of `<root>/classes.txt`."""
@@ -372,21 +410,7 @@ def resolve_num_classes(cfg: Config) -> Config:
                                f"dataset '{d.dataset}': write it, or set data.num_classes")
     return replace(cfg, data=replace(d, num_classes=n))
 
-def dataset_root(cfg: Config) -> Path:
-    "The dataset root; generates the demo or brain dataset when `cfg.data.dataset` names one."
-    d = cfg.data
-    if d.dataset == "demo":
-        from brpg.demo_data import make_demo_dataset
-        return make_demo_dataset(default_cache_dir(d.cache_dir), d.demo_num_images, d.demo_image_size, d.demo_seed,
-                                 d.demo_num_val, d.demo_num_labeled)
-    if d.dataset == "brain":
-        from brpg.brain import make_brain_dataset
-        return make_brain_dataset(default_cache_dir(d.cache_dir), d.brain_num_labeled, d.brain_image_size, d.brain_pool)
-    if not d.root: raise DatasetError(f"config key data.root is empty; dataset '{d.dataset}' needs its root folder")
-    root = Path(d.root).expanduser()
-    if not root.is_dir(): raise DatasetError(f"config key data.root: folder '{root}' not found (dataset '{d.dataset}')")
-    return root
-
+# %% ../nbs/01_data.ipynb #981e5c38
 def _enumerate_val(layout: str, root: Path) -> list[Sample]:
     if layout == "cityscapes":
         base = root / "leftImg8bit" / "val"
@@ -403,6 +427,7 @@ def _enumerate_val(layout: str, root: Path) -> list[Sample]:
         return out
     return []
 
+# %% ../nbs/01_data.ipynb #8164ea3c
 def _resolve_split(name: str, split_dir: Path, root: Path) -> Path:
     p = Path(name).expanduser()
     if p.is_absolute() or p.exists(): return p
@@ -413,6 +438,7 @@ def _resolve_split(name: str, split_dir: Path, root: Path) -> Path:
 def _split_dir(cfg: Config, root: Path) -> Path:
     return Path(cfg.data.split_dir).expanduser() if cfg.data.split_dir else root / "splits"
 
+# %% ../nbs/01_data.ipynb #be6ac4f8
 def _val_path(cfg: Config, layout: str, root: Path, split_dir: Path) -> Path | None:
     "The validation split file, or None when the layout's val folder is to be listed."
     if cfg.data.val_split: return _resolve_split(cfg.data.val_split, split_dir, root)
@@ -422,6 +448,7 @@ def _val_path(cfg: Config, layout: str, root: Path, split_dir: Path) -> Path | N
     if layout in ("cityscapes", "coco"): return None
     return split_dir / "val.txt"
 
+# %% ../nbs/01_data.ipynb #c186dbd6
 def _splits_hint(layout: str, root: Path) -> str:
     "How to create missing labeled/unlabeled split files."
     if layout != "voc": return " (write one with `brpg splits`)"
@@ -429,6 +456,7 @@ def _splits_hint(layout: str, root: Path) -> str:
     pool = f"'{train}'" if train.is_file() else f"the masks in '{root / _voc_mask_dir(root)}' ({train} not found)"
     return f" (create it with `brpg splits --config <your config> --n-labeled N`, which draws N labeled images from {pool})"
 
+# %% ../nbs/01_data.ipynb #ea3e097a
 def dataset_catalog(cfg: Config) -> Catalog:
     "Resolve root, split files and class names of `cfg.data`; structural problems go to `.problems`."
     cfg = resolve_num_classes(cfg)
@@ -473,6 +501,7 @@ def _check_sample(s: Sample, C: int, ignore: int) -> list[str]:
         except DatasetError as e: out.append(str(e))
     return out
 
+# %% ../nbs/01_data.ipynb #21754c2e
 def validate_dataset(cfg: Config, catalog: Catalog | None = None, max_workers: int = 4) -> list[str]:
     "Check every split file and listed file of `cfg.data`; return ALL problems found (empty list = dataset is fine)."
     try:
@@ -486,11 +515,13 @@ def validate_dataset(cfg: Config, catalog: Catalog | None = None, max_workers: i
         for res in ex.map(lambda s: _check_sample(s, C, ig), samples, chunksize=16): problems.extend(res)
     return problems
 
+# %% ../nbs/01_data.ipynb #79cb56e3
 def _raise_problems(problems: list, what: str):
     if not problems: return
     shown = problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else [])
     raise DatasetError(f"{what}: {len(problems)} problem(s):\n  " + "\n  ".join(shown))
 
+# %% ../nbs/01_data.ipynb #9e01a426
 def build_datasets(cfg: Config) -> dict:
     "`{'labeled', 'unlabeled', 'val': Dataset, 'class_names': list[str]}` for `cfg.data` (validated up front if `data.validate`)."
     cfg = resolve_num_classes(cfg)
@@ -501,6 +532,7 @@ def build_datasets(cfg: Config) -> dict:
     return {"labeled": LabeledDataset(cat.labeled, d), "unlabeled": UnlabeledDataset(cat.unlabeled, d),
             "val": ValDataset(cat.val, d), "class_names": cat.class_names}
 
+# %% ../nbs/01_data.ipynb #64c5b208
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 def image_modes(samples, n: int = 3) -> list[str]:
@@ -512,6 +544,7 @@ def image_modes(samples, n: int = 3) -> list[str]:
         except (OSError, ValueError): pass
     return out
 
+# %% ../nbs/01_data.ipynb #815830b0
 def data_report(cfg: Config, datasets: dict, n_check: int = 3) -> str:
     "One line: images per split, and a note when sampled image files are single-channel (replicated to RGB)."
     parts = [f"{len(datasets[k])} {k}" for k in ("labeled", "unlabeled", "val")]
@@ -529,12 +562,14 @@ def mix_seed(*vals: int) -> int:
     st = np.random.SeedSequence([int(v) % (2**63) for v in vals]).generate_state(2, np.uint32)
     return int((int(st[0]) << 31) ^ int(st[1])) % (2**63)
 
+# %% ../nbs/01_data.ipynb #21cb0ffe
 def resample_indices(n_src: int, n_target: int, seed: int) -> list[int]:
     "U2PL epoch resampling: repeat range(n_src) ceil(n_target/n_src) times and draw n_target entries without replacement."
     if n_src <= 0: raise DatasetError("cannot resample an empty labeled list")
     pool = list(range(n_src)) * math.ceil(n_target / n_src)
     return random.Random(seed).sample(pool, n_target)
 
+# %% ../nbs/01_data.ipynb #fba3ffc0
 class Resampled(Dataset):
     "A view of `dataset` through an index list; keys may be `(index, seed)` pairs."
     def __init__(self, dataset, indices): self.dataset, self.indices = dataset, list(indices)
@@ -546,6 +581,7 @@ class Resampled(Dataset):
         if name in ("dataset", "indices"): raise AttributeError(name)
         return getattr(self.dataset, name)
 
+# %% ../nbs/01_data.ipynb #b080b821
 class SeededSampler(Sampler):
     "Yields `(index, aug_seed)`; order and seeds depend only on (seed, stream, epoch, rank). DDP via DistributedSampler."
     def __init__(self, dataset, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1, stream: int = 0):
@@ -565,17 +601,20 @@ class SeededSampler(Sampler):
         seeds = torch.randint(0, 2**62, (len(idx),), generator=g).tolist()
         return iter(list(zip(idx, seeds)))
 
+# %% ../nbs/01_data.ipynb #5fadf0b6
 class ShardSampler(Sampler):
     "Indices rank, rank+W, ... in order: a disjoint, unpadded validation shard."
     def __init__(self, n: int, rank: int = 0, world_size: int = 1): self.n, self.rank, self.world_size = n, rank, world_size
     def __len__(self): return len(range(self.rank, self.n, self.world_size))
     def __iter__(self): return iter(range(self.rank, self.n, self.world_size))
 
+# %% ../nbs/01_data.ipynb #849ab99c
 def seed_worker(worker_id: int):
     "DataLoader worker init: one thread, and Python/numpy RNGs seeded from the worker's torch seed."
     s = torch.initial_seed() % 2**32
     random.seed(s); np.random.seed(s); torch.set_num_threads(1)
 
+# %% ../nbs/01_data.ipynb #1bb5580a
 def pad_collate(items: list, ignore_index: int = 255) -> dict:
     "Collate dicts; images of different sizes are padded bottom/right (image 0, mask `ignore_index`)."
     out = {}
@@ -587,6 +626,7 @@ def pad_collate(items: list, ignore_index: int = 255) -> dict:
         out[k] = torch.stack([F.pad(v, (0, W - v.shape[-1], 0, H - v.shape[-2]), value=fill) for v in vals])
     return out
 
+# %% ../nbs/01_data.ipynb #87f72c22
 def build_loaders(cfg: Config, datasets: dict, rank: int = 0, world_size: int = 1, seed: int | None = None) -> dict:
     """`{'labeled', 'unlabeled', 'val': DataLoader}`; labeled resampled to the unlabeled length, seeded, DDP-aware.
     Supervised-only configs without an unlabeled set get `'unlabeled': None` and the labeled set as it is."""
@@ -640,6 +680,7 @@ def cutmix_masks(batch_size: int, H: int, W: int, generator: torch.Generator | N
     v = lambda t: t.view(-1, 1, 1)
     return (ys >= v(y0)) & (ys < v(y0 + h)) & (xs >= v(x0)) & (xs < v(x0 + w))
 
+# %% ../nbs/01_data.ipynb #a7afa66e
 def apply_cutmix(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     "Mix `x` [B,...,H,W]: inside `mask` [B,H,W] take sample (i+1) % B, outside keep sample i."
     B, H, W = mask.shape

@@ -16,12 +16,15 @@ __all__ = ['DEMO_VERSION', 'DEMO_HUE_JITTER', 'make_demo_dataset']
 
 # %% ../nbs/01a_demo_data.ipynb #78b28b34
 DEMO_VERSION = 3
+
 DEMO_HUE_JITTER = 0.035  # std of the per-digit hue around its class hue (classes are 0.1 apart)
 
+# %% ../nbs/01a_demo_data.ipynb #09578469
 def _smoothstep(a, lo, hi):
     t = np.clip((a - lo) / (hi - lo), 0, 1)
     return t * t * (3 - 2 * t)
 
+# %% ../nbs/01a_demo_data.ipynb #eaf534ce
 def _demo_sources():
     from sklearn.datasets import load_digits, load_sample_images
     d = load_digits()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch, torch.nn.functional as F
 from .config import Config, apply_overrides
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['BANK_KEYS', 'tiny_demo_config', 'synthetic_features', 'SyntheticBank', 'SyntheticTrainer']
@@ -33,6 +34,7 @@ BANK_KEYS = ("protos", "valid", "is_high", "added", "init_protos", "usage", "ini
 
 def _np(x): return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
+# %% ../nbs/00b_testing.ipynb #aa47d9b7
 def synthetic_features(num_classes: int = 5, n: int = 2000, dim: int = 32, seed: int = 0) -> dict:
     "Clustered features `feats [n,dim]`, `labels [n]`, `conf [n]` (confidence falls with the distance to the class centre)."
     g = np.random.default_rng(seed)
@@ -44,7 +46,7 @@ def synthetic_features(num_classes: int = 5, n: int = 2000, dim: int = 32, seed:
     conf = np.clip(1.05 - 0.55 * r + 0.05 * g.normal(size=n), 1.0 / num_classes, 1.0)
     return {"feats": feats.astype(np.float32), "labels": labels.astype(np.int64), "conf": conf.astype(np.float32)}
 
-# %% ../nbs/00b_testing.ipynb #1fc339c1
+# %% ../nbs/00b_testing.ipynb #7432b1aa
 class SyntheticBank:
     "Bank-shaped object (the `PrototypeBank` buffers as torch tensors) built from class-wise high/low sub-cluster means."
     def __init__(self, feats, labels, conf, max_high: int = 3, max_low: int = 3, threshold: float = 0.8,
@@ -71,13 +73,13 @@ class SyntheticBank:
         self.initialized = torch.tensor(True)
         if device is not None: self.to(device)
 
-    def to(self, device):
-        for k in BANK_KEYS: setattr(self, k, getattr(self, k).to(device))
-        return self
+# %% ../nbs/00b_testing.ipynb #d70a0106
+@patch
+def to(self: SyntheticBank, device):
+    for k in BANK_KEYS: setattr(self, k, getattr(self, k).to(device))
+    return self
 
-# %% ../nbs/00b_testing.ipynb #3da6a3a2
-from fastcore.basics import patch
-
+# %% ../nbs/00b_testing.ipynb #e6a8b6a2
 @patch
 def drift(self: SyntheticBank, feats, labels, decay: float = 0.99):
     "One EMA step towards the mean of the features nearest to each slot (own class only), like the real bank's."
@@ -93,7 +95,7 @@ def drift(self: SyntheticBank, feats, labels, decay: float = 0.99):
     flat[hit] = decay * flat[hit] + (1 - decay) * sums[hit] / cnt[hit, None]
     self.usage = cnt.reshape(C, S).long()
 
-# %% ../nbs/00b_testing.ipynb #91211d1a
+# %% ../nbs/00b_testing.ipynb #aedaf82e
 class SyntheticTrainer:
     "Event source with the `Trainer` callback contract, driven by synthetic clustered features (demos and tests)."
     def __init__(self, iters: int = 200, num_classes: int = 5, dim: int = 32, view_every: int = 20, val_every: int = 50,
@@ -106,15 +108,21 @@ class SyntheticTrainer:
         self.bank = None; self._stop = threading.Event(); self._g = np.random.default_rng(seed)
     def add_callback(self, cb): self.callbacks.append(cb)
     def stop(self): self._stop.set()
-    def _emit(self, name, *a):
-        for cb in self.callbacks:
-            f = getattr(cb, name, None)
-            if f is not None: f(self, *a)
-    def _save(self):
-        if self.out_dir is None: return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"iteration": self.iteration, "bank": {k: getattr(self.bank, k) for k in BANK_KEYS} if self.bank else None},
-                   self.out_dir / "last.pt")
+
+# %% ../nbs/00b_testing.ipynb #8f169629
+@patch
+def _emit(self: SyntheticTrainer, name, *a):
+    for cb in self.callbacks:
+        f = getattr(cb, name, None)
+        if f is not None: f(self, *a)
+
+# %% ../nbs/00b_testing.ipynb #9144160d
+@patch
+def _save(self: SyntheticTrainer):
+    if self.out_dir is None: return
+    self.out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"iteration": self.iteration, "bank": {k: getattr(self.bank, k) for k in BANK_KEYS} if self.bank else None},
+               self.out_dir / "last.pt")
 
 # %% ../nbs/00b_testing.ipynb #1190a2ac
 @patch
@@ -123,6 +131,7 @@ def _log(self: SyntheticTrainer, rec: dict, val: bool = False):
     with open(self.out_dir / "metrics.jsonl", "a") as fh:
         fh.write(json.dumps({"iteration": self.iteration, **({"split": "val"} if val else {}), **rec}) + "\n")
 
+# %% ../nbs/00b_testing.ipynb #f5037aa0
 @patch
 def _one(self: SyntheticTrainer, it: int):
     d, n = self.data, len(self.data["labels"])
@@ -146,6 +155,7 @@ def _one(self: SyntheticTrainer, it: int):
         m = {"miou": 0.3 + 0.4 * (1 - math.exp(-self.iteration / 80)), "acc": 0.9}
         self._log(m, val=True); self._emit("on_validation_end", m)
 
+# %% ../nbs/00b_testing.ipynb #30d60c29
 @patch
 def fit(self: SyntheticTrainer):
     "Run `iters` synthetic iterations (stoppable), then save the bank and send `on_fit_end`."
