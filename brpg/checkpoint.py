@@ -19,6 +19,7 @@ class CheckpointError(RuntimeError):
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml")
 
+# %% ../nbs/07b_checkpoint.ipynb #12ff83ac
 def atomic_save(obj, path):
     "torch.save `obj` to `path` through a temporary file + fsync + os.replace."
     path = Path(path)
@@ -30,6 +31,7 @@ def atomic_save(obj, path):
     finally:
         if tmp.exists(): tmp.unlink()
 
+# %% ../nbs/07b_checkpoint.ipynb #2914d9f4
 def atomic_copy(src, dst):
     "Copy a file atomically (temporary file + os.replace)."
     dst = Path(dst); tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
@@ -46,6 +48,7 @@ def resolve_checkpoint(path) -> Path:
     if not p.is_file(): raise CheckpointError(f"checkpoint '{p}' not found")
     return p
 
+# %% ../nbs/07b_checkpoint.ipynb #76bcde45
 def read_checkpoint(path, map_location="cpu", trainer: bool = False) -> dict:
     """`torch.load(weights_only=True)` a checkpoint file or run directory; the dict gets `_path`. `trainer=True`
     also requires a brpg trainer checkpoint (one with `student` weights)."""
@@ -77,9 +80,11 @@ def inference_name(ck: dict) -> str:
     if it is None or not ipe or S is None: return "teacher"        # no schedule stored: a teacher exists, use it
     return "teacher" if int(it) > int(S) * int(ipe) else "student"
 
+# %% ../nbs/07b_checkpoint.ipynb #515f7f11
 def _strip(sd: dict) -> dict:
     return {(n[7:] if n.startswith("module.") else n): v for n, v in sd.items()}
 
+# %% ../nbs/07b_checkpoint.ipynb #2983b951
 def inference_weights(ck: dict, which: str = "auto") -> dict:
     "The state dict of the inference network (`which`: auto | teacher | student) of a checkpoint or weights file."
     where = ck.get("_path", "checkpoint")
@@ -126,6 +131,7 @@ def load_weights_checked(model: torch.nn.Module, sd: dict, where: str, num_class
     model.load_state_dict(sd, strict=False)
     return model
 
+# %% ../nbs/07b_checkpoint.ipynb #e6b5baf9
 def model_from_checkpoint(ck: dict, cfg, device=None, which: str = "auto"):
     "The segmenter of `cfg` with the checkpoint's inference weights, in eval mode on `device`."
     from brpg.models import create_segmenter

@@ -13,6 +13,7 @@ __all__ = ['PROG', 'IMAGE_EXTS', 'CLIError', 'cmd_train', 'format_metrics', 'eva
 
 # %% ../nbs/10_cli.ipynb #d6069c5c
 PROG = "brpg"
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 class CLIError(Exception):
@@ -22,6 +23,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise CLIError(f"{message} (see '{self.prog} --help')")
 
+# %% ../nbs/10_cli.ipynb #424a8ea8
 def _user_errors():
     "Exception types that are the user's fault (bad config, file, checkpoint): reported in one line."
     from brpg.config import ConfigError
@@ -32,6 +34,7 @@ def _user_errors():
     return (CLIError, ConfigError, *extra, FileNotFoundError, FileExistsError, NotADirectoryError,
             IsADirectoryError, PermissionError)
 
+# %% ../nbs/10_cli.ipynb #ff8370fb
 def _err(msg) -> int:
     msg = " ".join(str(msg).split())  # one line, whatever the exception text holds
     print(f"{PROG}: error: {msg}", file=sys.stderr)
@@ -43,6 +46,7 @@ def _device(spec: str = "auto"):
     from brpg.devices import resolve_device
     return resolve_device(spec or "auto")
 
+# %% ../nbs/10_cli.ipynb #720a19f6
 def _checkpoint_and_config(path, config=None, overrides=None):
     "Read a checkpoint (file or run directory) and the config it runs under, with `data.num_classes` resolved."
     from brpg.checkpoint import read_checkpoint, config_for_checkpoint
@@ -75,6 +79,7 @@ def _num(x):
 
 def _pct(v): return "   n/a" if v is None else f"{100*v:6.2f}"
 
+# %% ../nbs/10_cli.ipynb #0fb01da4
 def format_metrics(res: dict) -> str:
     "A human-readable table of an eval result (n/a: class absent from both prediction and ground truth)."
     lines = [f"mIoU {_pct(res['miou']).strip()}  boundary IoU {_pct(res['boundary_iou']).strip()}  pixel acc {_pct(res.get('acc')).strip()}"]
@@ -82,6 +87,7 @@ def format_metrics(res: dict) -> str:
     for n, v in res["iou"].items(): lines.append(f"  {n:<{w}}  {_pct(v)}")
     return "\n".join(lines)
 
+# %% ../nbs/10_cli.ipynb #81d0a97b
 def evaluate_checkpoint(checkpoint, config=None, overrides=None, device=None) -> dict:
     "Evaluate a checkpoint on its val split; returns the JSON-ready result dict."
     ck, cfg = _checkpoint_and_config(checkpoint, config, overrides)
@@ -100,6 +106,7 @@ def evaluate_checkpoint(checkpoint, config=None, overrides=None, device=None) ->
             "iou": dict(zip(names, iou)), "class_names": names, "num_images": len(ds["val"]),
             "eval": dataclasses.asdict(cfg.eval)}
 
+# %% ../nbs/10_cli.ipynb #79e2fa97
 def cmd_eval(a) -> int:
     res = evaluate_checkpoint(a.checkpoint, a.config, a.set, a.device)
     out = Path(a.out) if a.out else Path(res["checkpoint"]).parent / "eval.json"
@@ -122,6 +129,7 @@ def collect_images(inputs) -> list[Path]:
         else: raise CLIError(f"input '{p}' not found")
     return files
 
+# %% ../nbs/10_cli.ipynb #778afe65
 def _colorize(mask, n=None):
     "uint8 RGB numpy image of a label map (VOC colour map of `brpg.data`)."
     import numpy as np
@@ -129,6 +137,7 @@ def _colorize(mask, n=None):
     out = colorize(mask, voc_palette(256))
     return out.numpy() if hasattr(out, "numpy") else np.asarray(out)
 
+# %% ../nbs/10_cli.ipynb #a4ff6aaa
 def predict_images(model, files, cfg, out_dir, device, alpha=0.5) -> list[Path]:
     "Write `<stem>_mask.png` (colour), `<stem>_overlay.png` and `<stem>_label.png` (class ids) per image."
     import numpy as np, torch
@@ -153,6 +162,7 @@ def predict_images(model, files, cfg, out_dir, device, alpha=0.5) -> list[Path]:
             p = out_dir / f"{f.stem}_{suffix}.png"; Image.fromarray(arr).save(p); written.append(p)
     return written
 
+# %% ../nbs/10_cli.ipynb #19f9194c
 def cmd_predict(a) -> int:
     files = collect_images(a.inputs)
     ck, cfg = _checkpoint_and_config(a.checkpoint, a.config, a.set)
@@ -176,6 +186,7 @@ def cmd_splits(a) -> int:
     print(f"wrote {nl} labeled lines to {pl} and {nu} unlabeled lines to {pu} (seed {a.seed})")
     return 0
 
+# %% ../nbs/10_cli.ipynb #e5ced3e5
 def cmd_config(a) -> int:
     import yaml
     from brpg.config import load_config, describe_config
@@ -196,10 +207,9 @@ def _add_config_args(p, required=False, default=None):
     p.add_argument("--set", "-s", nargs="+", action="extend", metavar="KEY=VALUE", default=[],
                    help="override config keys, e.g. --set trainer.lr=0.01 data.crop_size=321 method.grid_num=0 (see `brpg config --keys`)")
 
-def build_parser() -> argparse.ArgumentParser:
-    "The `brpg` argument parser with its six subcommands."
-    p = _Parser(prog=PROG, description="BRPG: boundary-refined prototype generation for semi-supervised semantic segmentation.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+# %% ../nbs/10_cli.ipynb #12d65819
+def _train_parser(sub):
+    "`brpg train`: a config, the run directory, `--resume` / `--overwrite`."
     t = sub.add_parser("train", help="train a model (supervised, mean teacher or BRPG); torchrun-compatible",
                        description="Train per a config. Under `torchrun --nproc_per_node N -m brpg.cli train ...` it runs DDP.")
     _add_config_args(t, required=True)
@@ -207,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.set_defaults(func=cmd_train)
+    return t
+
+# %% ../nbs/10_cli.ipynb #ab333a0d
+def _eval_parser(sub):
+    "`brpg eval`: a checkpoint, an optional config, the JSON output file and the device."
     e = sub.add_parser("eval", help="evaluate a checkpoint on the val split (mIoU, per-class IoU, boundary IoU)",
                        description="Evaluate a checkpoint; the config comes from the checkpoint / run directory unless --config is given.")
     e.add_argument("--checkpoint", "-k", required=True, help="checkpoint file or run directory")
@@ -214,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", "-o", help="JSON output file (default: eval.json beside the checkpoint)")
     e.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: trainer.device of the config)")
     e.set_defaults(func=cmd_eval)
+    return e
+
+# %% ../nbs/10_cli.ipynb #871e10c3
+def _predict_parser(sub):
+    "`brpg predict`: a checkpoint, image files or folders, the output folder."
     r = sub.add_parser("predict", help="write colour masks and overlays for images",
                        description="Predict segmentation masks; writes <name>_mask.png, <name>_overlay.png and <name>_label.png.")
     r.add_argument("--checkpoint", "-k", required=True, help="checkpoint file or run directory")
@@ -222,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(r)
     r.add_argument("--device", help="cpu, cuda, cuda:N, mps")
     r.set_defaults(func=cmd_predict)
+    return r
+
+# %% ../nbs/10_cli.ipynb #2cc91bfc
+def _splits_parser(sub):
+    "`brpg splits`: the dataset, the number of labeled images, the seed and the output folder."
     from brpg.config import DataConfig
     sp = sub.add_parser("splits", help="write seeded labeled/unlabeled split files for N labeled images of a dataset",
                         description="Write seeded labeled.txt / unlabeled.txt for N labeled images (only images with masks).")
@@ -233,11 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0, help="seed of the labeled draw")
     sp.add_argument("--out", help="output folder (default: data.split_dir, else <root>/splits; required for demo)")
     sp.set_defaults(func=cmd_splits)
+    return sp
+
+# %% ../nbs/10_cli.ipynb #f9e82c6a
+def _config_parser(sub):
+    "`brpg config`: the resolved config as YAML, or every key with `--keys`."
     c = sub.add_parser("config", help="print the resolved config, or list every key with --keys",
                        description="Print the resolved config as YAML (after --set overrides), or every key with its help text.")
     _add_config_args(c)
     c.add_argument("--keys", action="store_true", help="list every key as `section.key = value  # help`")
     c.set_defaults(func=cmd_config)
+    return c
+
+# %% ../nbs/10_cli.ipynb #da63b7c3
+def _demo_parser(sub):
+    "`brpg demo`: methods, seeds, iterations and the output folder of the main job."
     from brpg.study import VARIANTS, MAIN
     d = sub.add_parser("demo", help="main job: supervised vs mean teacher vs BRPG on real brain MRI slices",
                        description="Train supervised-only, mean teacher and BRPG (same config but the method) on the brain MRI "
@@ -251,8 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--reuse", action="store_true", help="reuse runs already finished in --out (run.json present)")
     _add_config_args(d, default="brain")
     d.set_defaults(func=cmd_demo)
+    return d
+
+# %% ../nbs/10_cli.ipynb #5f62a558
+def build_parser() -> argparse.ArgumentParser:
+    "The `brpg` argument parser with its six subcommands."
+    p = _Parser(prog=PROG, description="BRPG: boundary-refined prototype generation for semi-supervised semantic segmentation.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for f in (_train_parser, _eval_parser, _predict_parser, _splits_parser, _config_parser, _demo_parser): f(sub)
     return p
 
+# %% ../nbs/10_cli.ipynb #2207f531
 def _one_line_warnings():
     "brpg's own warnings (config advice) print as one line `brpg: warning: ...`; others keep Python's format."
     import warnings
@@ -262,6 +306,7 @@ def _one_line_warnings():
         return fmt(message, category, filename, lineno, line)
     warnings.formatwarning = f
 
+# %% ../nbs/10_cli.ipynb #c520d1e5
 def main(argv=None) -> int:
     "Entry point of the `brpg` console script; returns the exit code."
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -160,7 +160,6 @@ def batched_kmeans(x: torch.Tensor, mask: torch.Tensor | None = None, k=2, resta
         sl = slice(s, min(G, s + step))
         v = mask[sl]
         # centre each group on its mean; masked rows become exact zeros (whatever they held, NaN included).
-        # In-place passes only: this part is memory-bound on the CPU.
         xc = x[sl].to(dtype, copy=True).masked_fill_(~v[..., None], 0)
         mean = xc.sum(1) / v.sum(1).clamp_min(1)[:, None].to(dtype)
         xc.sub_(mean[:, None]).masked_fill_(~v[..., None], 0)

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['VARIANTS', 'MAIN', 'LABELS', 'SUMMARY_KEYS', 'StudyError', 'study_config', 'pseudo_label_quality',
-           'unlabeled_with_truth', 'test_split', 'prototype_quality', 'Recorder', 'loss_shares', 'train_one',
-           'summarize', 'paired_delta', 'results_table', 'delta_lines', 'results_markdown', 'plot_curves',
-           'test_predictions', 'plot_predictions', 'run_study']
+__all__ = ['VARIANTS', 'MAIN', 'LABELS', 'SUMMARY_KEYS', 'StudyError', 'study_config', 'unlabeled_with_truth', 'test_split',
+           'pseudo_label_quality', 'prototype_quality', 'Recorder', 'loss_shares', 'train_one', 'summarize',
+           'paired_delta', 'results_table', 'delta_lines', 'results_markdown', 'plot_curves', 'test_predictions',
+           'plot_predictions', 'run_study']
 
 # %% ../nbs/10a_study.ipynb #1eda1cea
 VARIANTS = {
@@ -22,10 +22,14 @@ VARIANTS = {
     "brpg_random_sampling": ("brpg", ("method.confidence_split=false",)),
     "brpg_no_apo": ("brpg", ("method.proto_add=false",)),
 }
+
 MAIN = ("supervised", "mean_teacher", "brpg")
+
+# %% ../nbs/10a_study.ipynb #05448d97
 LABELS = {"supervised": "supervised only", "mean_teacher": "mean teacher", "brpg": "BRPG",
           "brpg_random_sampling": "BRPG, random sampling (no CPG)", "brpg_no_apo": "BRPG without APO"}
 
+# %% ../nbs/10a_study.ipynb #3b75d8b8
 class StudyError(ValueError):
     "A bad study request (unknown variant, ...): one line for the user."
 
@@ -42,6 +46,24 @@ def study_config(config="brain", overrides=(), variant="brpg", seed=None, iters=
     if iters: ov += [f"trainer.iters_per_epoch={max(1, math.ceil(iters / base.trainer.epochs))}", f"trainer.max_iters={iters}"]
     if out_dir is not None: ov.append(f"trainer.out_dir={out_dir}")
     return load_config(config, ov)
+
+# %% ../nbs/10a_study.ipynb #bb926d31
+def unlabeled_with_truth(cfg, max_images: int = 48):
+    "≤ `max_images` unlabeled images (evenly spaced, fixed) with their masks, in the val pipeline; None without masks."
+    from brpg.data import dataset_catalog, read_samples, ValDataset
+    cat = dataset_catalog(cfg)
+    p = cat.split_dir / "unlabeled.txt"
+    if not p.is_file(): return None
+    s = read_samples(p, cat.layout, cat.root, True)
+    if not s or not all(x.mask is not None and Path(x.mask).is_file() for x in s): return None
+    return ValDataset(s[::max(1, math.ceil(len(s) / max_images))], cfg.data)
+
+# %% ../nbs/10a_study.ipynb #23041be2
+def test_split(cfg):
+    "Path of the data set's test split (`<split_dir>/test.txt`), or None."
+    from brpg.data import dataset_catalog
+    p = dataset_catalog(cfg).split_dir / "test.txt"
+    return p if p.is_file() else None
 
 # %% ../nbs/10a_study.ipynb #497404b9
 @torch.no_grad()
@@ -63,23 +85,6 @@ def pseudo_label_quality(model, dataset, cfg, device) -> dict:
     iou = cm.diag() / (cm.sum(0) + cm.sum(1) - cm.diag()).clamp_min(1)
     return {"acc": ok / max(n, 1), "coverage": n_c / max(n, 1), "conf_acc": ok_c / max(n_c, 1),
             "miou": float(iou[cm.sum(1) > 0].mean()), "pixels": n}
-
-# %% ../nbs/10a_study.ipynb #bb926d31
-def unlabeled_with_truth(cfg, max_images: int = 48):
-    "≤ `max_images` unlabeled images (evenly spaced, fixed) with their masks, in the val pipeline; None without masks."
-    from brpg.data import dataset_catalog, read_samples, ValDataset
-    cat = dataset_catalog(cfg)
-    p = cat.split_dir / "unlabeled.txt"
-    if not p.is_file(): return None
-    s = read_samples(p, cat.layout, cat.root, True)
-    if not s or not all(x.mask is not None and Path(x.mask).is_file() for x in s): return None
-    return ValDataset(s[::max(1, math.ceil(len(s) / max_images))], cfg.data)
-
-def test_split(cfg):
-    "Path of the data set's test split (`<split_dir>/test.txt`), or None."
-    from brpg.data import dataset_catalog
-    p = dataset_catalog(cfg).split_dir / "test.txt"
-    return p if p.is_file() else None
 
 # %% ../nbs/10a_study.ipynb #ddd1a395
 @torch.no_grad()
@@ -116,6 +121,7 @@ class Recorder:
                 r["prototypes"] = prototype_quality(trainer.student, trainer.method.bank, self.unlabeled, trainer.cfg, trainer.device)
         self.curve.append(r)
 
+# %% ../nbs/10a_study.ipynb #2df13024
 def loss_shares(metrics_path, cfg) -> dict:
     "Mean share of λ_u·L_u and λ_pro·L_pro in the total loss over the logged prototype-phase iterations."
     recs = [json.loads(l) for l in Path(metrics_path).read_text().splitlines() if l.strip().startswith("{")]
@@ -132,6 +138,7 @@ def _cpu_seconds():
     ch = resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.process_time() + ch.ru_utime + ch.ru_stime
 
+# %% ../nbs/10a_study.ipynb #848a2e80
 def _score(ckpt, split) -> dict:
     from brpg.cli import evaluate_checkpoint
     r = evaluate_checkpoint(ckpt, overrides=[f"data.val_split={split}"])
@@ -171,6 +178,7 @@ def _mean_std(xs):
     if not xs: return None, None
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
+# %% ../nbs/10a_study.ipynb #b585912c
 def summarize(runs: list[dict]) -> dict:
     "Per-method mean/std over seeds of the SUMMARY_KEYS, plus pseudo-label accuracy and L_pro share."
     out = {}
@@ -202,6 +210,7 @@ def _f(s, k, scale=100, nd=2):
     if mu is None: return "n/a"
     return f"{scale * mu:.{nd}f}" + (f" ± {scale * sd:.{nd}f}" if s["n_seeds"] > 1 else "")
 
+# %% ../nbs/10a_study.ipynb #86d067ec
 def results_table(summary: dict) -> str:
     "Markdown table of a summary (percent; mean ± std over seeds)."
     rows = ["| method | seeds | test mIoU | test boundary IoU | test mIoU (last) | val best mIoU | pseudo-label mIoU | L_pro share | wall (s) |",
@@ -213,6 +222,7 @@ def results_table(summary: dict) -> str:
                     f"{'–' if not ls else f'{100 * ls:.1f} %'} | {_f(s, 'wall_s', 1, 0)} |")
     return "\n".join(rows)
 
+# %% ../nbs/10a_study.ipynb #2179e12c
 def delta_lines(runs) -> list[str]:
     "One line per main comparison and checkpoint (val-chosen, last): the paired test-mIoU delta against the seed spread."
     out = []
@@ -267,6 +277,7 @@ def test_predictions(run_dirs: dict, cfg, n: int = 4):
         preds[m] = [infer(model, it["image"][None], cfg.data.num_classes, mode="whole").argmax(1)[0].numpy() for it in items]
     return imgs, [it["mask"].numpy() for it in items], preds, [it["id"] for it in items]
 
+# %% ../nbs/10a_study.ipynb #c61d5925
 def plot_predictions(imgs, gts, preds: dict, ids, path):
     "Grid: a row per image; columns image, ground truth, each method's prediction."
     import matplotlib.pyplot as plt

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.lines import Line2D
 from matplotlib import colormaps
+from fastcore.basics import patch, patch_to
 
 # %% auto #0
 __all__ = ['PROJECTIONS', 'MAX_ROWS', 'to_numpy', 'class_colors', 'BankSnapshot', 'snapshot_bank', 'project_2d',
@@ -32,12 +33,14 @@ def to_numpy(x, dtype=None) -> np.ndarray | None:
     a = np.asarray(x)
     return a.astype(dtype, copy=False) if dtype is not None else a
 
+# %% ../nbs/09_views.ipynb #7370efa8
 def class_colors(num_classes: int) -> np.ndarray:
     "One RGBA colour per class: `tab10`/`tab20` when they suffice, evenly spaced `hsv` hues beyond 20."
     if num_classes <= 10: return colormaps["tab10"](np.arange(num_classes))
     if num_classes <= 20: return colormaps["tab20"](np.arange(num_classes))
     return colormaps["hsv"](np.linspace(0, 1, num_classes, endpoint=False))
 
+# %% ../nbs/09_views.ipynb #d549ef13
 def _png(fig: Figure, dpi: int) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
@@ -61,6 +64,7 @@ class BankSnapshot:
     @property
     def slots(self): return self.protos.shape[1]
 
+# %% ../nbs/09_views.ipynb #ddb23550
 def _find_bank_dict(d: Mapping, where: str) -> dict:
     "The bank buffers inside a (possibly nested or prefixed) state dict `d`."
     if "protos" in d and "valid" in d: return dict(d)
@@ -75,6 +79,7 @@ def _find_bank_dict(d: Mapping, where: str) -> dict:
     raise KeyError(f"{where}: no prototype bank found (need buffers 'protos' and 'valid', optionally under a "
                    f"prefix such as 'bank.'); top-level keys: {sorted(map(str, d))[:20]}")
 
+# %% ../nbs/09_views.ipynb #75b5a4a0
 def snapshot_bank(bank, where: str = "bank") -> BankSnapshot:
     "Copy a `PrototypeBank` (any device), its state dict, or a checkpoint holding one, to a `BankSnapshot`."
     if isinstance(bank, BankSnapshot): return bank
@@ -139,12 +144,14 @@ class _View:
         self.image.value = _png(self.fig, self.dpi); self.renders += 1
     def _repr_mimebundle_(self, **kw): return self.widget._repr_mimebundle_(**kw)
 
+# %% ../nbs/09_views.ipynb #403e8b42
 def _class_names(names, C):
     if names is None: return [f"class {c}" for c in range(C)]
     names = list(names)
     if len(names) < C: names += [f"class {c}" for c in range(len(names), C)]
     return names
 
+# %% ../nbs/09_views.ipynb #50ca17fd
 MAX_ROWS = 50_000   # views keep at most this many rows; larger inputs are subsampled *before* leaving the device
 
 def _check_sample(feats, labels, conf, where="features", max_rows: int = MAX_ROWS, seed: int = 0):
@@ -162,6 +169,7 @@ def _check_sample(feats, labels, conf, where="features", max_rows: int = MAX_ROW
         raise ValueError(f"{where}: labels {y.shape} and conf {cf.shape} must both be [{len(f)}] like feats {f.shape}")
     return f, y, cf
 
+# %% ../nbs/09_views.ipynb #925f822a
 class FeatureSpaceView(_View):
     "2-D projection of pixel features (coloured by class, high/low confidence markers) with the prototypes overlaid."
     def __init__(self, feats=None, labels=None, conf=None, bank=None, class_names=None, num_classes=None,
@@ -196,104 +204,116 @@ class FeatureSpaceView(_View):
         if self.bank is not None: C = max(C, self.bank.num_classes)
         return max(C, 1)
 
-    def set_data(self, feats, labels, conf, bank=None):
-        "New feature sample (and optionally bank); re-projects and redraws."
-        with self._lock:
-            self.feats, self.labels, self.conf = _check_sample(feats, labels, conf)
-            if bank is not None: self.bank = snapshot_bank(bank)
-            self._sync_controls(); self._proj_key = None
-        self.refresh()
+# %% ../nbs/09_views.ipynb #1a9d768b
+@patch
+def split(self: FeatureSpaceView):
+    "Boolean masks (high, low) over the projected subset for the current threshold and class filter."
+    y, cf = self.labels[self._idx], self.conf[self._idx]
+    shown = np.isin(y, np.asarray(self.classes.value, dtype=np.int64))
+    return shown & (cf >= self.threshold.value), shown & (cf < self.threshold.value)
 
-    def set_bank(self, bank):
-        "New prototypes for the same features; re-projects and redraws."
-        with self._lock:
-            self.bank = snapshot_bank(bank)
-            if self.feats is None:  # prototypes before any feature sample: show the prototypes alone
-                D = self.bank.protos.shape[2]
-                self.feats, self.labels, self.conf = np.zeros((0, D), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32)
-            self._sync_controls(); self._proj_key = None
-        self.refresh()
+# %% ../nbs/09_views.ipynb #ce241fae
+@patch
+def refresh(self: FeatureSpaceView):
+    "Re-project if the sample, bank, sample size or method changed, then redraw."
+    with self._lock:
+        if self.feats is None: return
+        key = (self.method.value, self.sample_size.value, id(self.feats), id(self.bank))
+        if key != self._proj_key:
+            n = len(self.feats); k = min(n, self.sample_size.value)
+            self._idx = np.sort(np.random.default_rng(self.seed).choice(n, k, replace=False)) if k < n else np.arange(n)
+            P = self.bank.protos[self.bank.valid] if self.bank is not None else np.zeros((0, self.feats.shape[1]), np.float32)
+            if P.shape[1:] != self.feats.shape[1:]:
+                raise ValueError(f"prototype dim {P.shape[1]} != feature dim {self.feats.shape[1]}")
+            t0 = time.perf_counter()
+            emb = project_2d(np.concatenate([self.feats[self._idx], P]), self.method.value, self.normalize, self.seed)
+            self.projection_seconds = time.perf_counter() - t0
+            self._emb, self._emb_protos = emb[:k], emb[k:]
+            lo, hi = (emb.min(0), emb.max(0)) if len(emb) else (np.zeros(2) - 1, np.ones(2))
+            pad = 0.05 * np.maximum(hi - lo, 1e-6); self._lims = (lo - pad, hi + pad)
+            self._proj_key = key
+        self.redraw()
 
-    def _sync_controls(self):
-        "Class options follow the data (new classes start shown); the sample-size slider follows N."
-        C, names = self.num_classes, _class_names(self._names, self.num_classes)
-        opts = [(f"{c}: {names[c]}", c) for c in range(C)]
-        self._quiet = True
-        try:
-            if list(self.classes.options) != opts:
-                old_n, keep = len(self.classes.options), set(self.classes.value)
-                self.classes.options = opts
-                self.classes.value = tuple(c for c in range(C) if c in keep or c >= old_n)
-            n = len(self.feats)
-            self.sample_size.max = max(100, n, self.sample_size.value)   # never clip the requested size
-        finally: self._quiet = False
+# %% ../nbs/09_views.ipynb #a251b4cc
+@patch
+def redraw(self: FeatureSpaceView):
+    "Redraw from the cached projection (threshold / class changes)."
+    with self._lock:
+        if self._emb is None: return
+        ax, cols = self.ax, class_colors(self.num_classes)
+        ax.clear(); self.artists = {}
+        hi, lo = self.split()
+        y = self.labels[self._idx]
+        self.artists["high"] = ax.scatter(*self._emb[hi].T, s=9, c=cols[y[hi]], marker="o", linewidths=0, alpha=0.7)
+        self.artists["low"] = ax.scatter(*self._emb[lo].T, s=14, marker="^", facecolors="none",
+                                         edgecolors=cols[y[lo]], linewidths=0.7, alpha=0.8)
+        if self.bank is not None and len(self._emb_protos):
+            b = self.bank; cls = np.nonzero(b.valid)[0]
+            ph, pa = b.is_high[b.valid], b.added[b.valid]
+            shown = np.isin(cls, np.asarray(self.classes.value, dtype=np.int64))
+            E = self._emb_protos
+            for key, m, mk, s in (("proto_high", shown & ph, "X", 150), ("proto_low", shown & ~ph, "v", 120)):
+                self.artists[key] = ax.scatter(*E[m].T, s=s, c=cols[cls[m]], marker=mk, edgecolors="k", linewidths=1.0, zorder=3)
+            m = shown & pa
+            self.artists["proto_added"] = ax.scatter(*E[m].T, s=420, marker="o", facecolors="none",
+                                                     edgecolors="k", linewidths=1.8, zorder=4)
+        ax.set_xlim(self._lims[0][0], self._lims[1][0]); ax.set_ylim(self._lims[0][1], self._lims[1][1])
+        ax.set_xticks([]); ax.set_yticks([])
+        ax.set_title(f"{self.method.value.upper()} of {len(self._idx)} features + "
+                     f"{len(self._emb_protos)} prototypes; threshold {self.threshold.value:.2f}", fontsize=10)
+        grey = "0.35"
+        kinds = [Line2D([], [], ls="", marker="o", color=grey, label=f"high conf ({hi.sum()})"),
+                 Line2D([], [], ls="", marker="^", mfc="none", color=grey, label=f"low conf ({lo.sum()})"),
+                 Line2D([], [], ls="", marker="X", color=grey, mec="k", ms=10, label="high prototype"),
+                 Line2D([], [], ls="", marker="v", color=grey, mec="k", ms=9, label="low prototype"),
+                 Line2D([], [], ls="", marker="o", mfc="none", mec="k", ms=14, mew=1.8, label="APO-added")]
+        leg = ax.legend(handles=kinds, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+        ax.add_artist(leg)
+        names = _class_names(self._names, self.num_classes)
+        shown_c = [c for c in self.classes.value][:20]
+        ax.legend(handles=[Line2D([], [], ls="", marker="o", color=cols[c], label=names[c]) for c in shown_c],
+                  loc="lower left", bbox_to_anchor=(1.01, 0.0), fontsize=8, frameon=False, title="classes", title_fontsize=8)
+        self._show()
+        self.status.value = (f"<small>{hi.sum()} high / {lo.sum()} low shown; projection "
+                             f"{getattr(self, 'projection_seconds', 0):.2f}s</small>")
 
-    def refresh(self):
-        "Re-project if the sample, bank, sample size or method changed, then redraw."
-        with self._lock:
-            if self.feats is None: return
-            key = (self.method.value, self.sample_size.value, id(self.feats), id(self.bank))
-            if key != self._proj_key:
-                n = len(self.feats); k = min(n, self.sample_size.value)
-                self._idx = np.sort(np.random.default_rng(self.seed).choice(n, k, replace=False)) if k < n else np.arange(n)
-                P = self.bank.protos[self.bank.valid] if self.bank is not None else np.zeros((0, self.feats.shape[1]), np.float32)
-                if P.shape[1:] != self.feats.shape[1:]:
-                    raise ValueError(f"prototype dim {P.shape[1]} != feature dim {self.feats.shape[1]}")
-                t0 = time.perf_counter()
-                emb = project_2d(np.concatenate([self.feats[self._idx], P]), self.method.value, self.normalize, self.seed)
-                self.projection_seconds = time.perf_counter() - t0
-                self._emb, self._emb_protos = emb[:k], emb[k:]
-                lo, hi = (emb.min(0), emb.max(0)) if len(emb) else (np.zeros(2) - 1, np.ones(2))
-                pad = 0.05 * np.maximum(hi - lo, 1e-6); self._lims = (lo - pad, hi + pad)
-                self._proj_key = key
-            self.redraw()
+# %% ../nbs/09_views.ipynb #dfac07be
+@patch
+def _sync_controls(self: FeatureSpaceView):
+    "Class options follow the data (new classes start shown); the sample-size slider follows N."
+    C, names = self.num_classes, _class_names(self._names, self.num_classes)
+    opts = [(f"{c}: {names[c]}", c) for c in range(C)]
+    self._quiet = True
+    try:
+        if list(self.classes.options) != opts:
+            old_n, keep = len(self.classes.options), set(self.classes.value)
+            self.classes.options = opts
+            self.classes.value = tuple(c for c in range(C) if c in keep or c >= old_n)
+        n = len(self.feats)
+        self.sample_size.max = max(100, n, self.sample_size.value)   # never clip the requested size
+    finally: self._quiet = False
 
-    def split(self):
-        "Boolean masks (high, low) over the projected subset for the current threshold and class filter."
-        y, cf = self.labels[self._idx], self.conf[self._idx]
-        shown = np.isin(y, np.asarray(self.classes.value, dtype=np.int64))
-        return shown & (cf >= self.threshold.value), shown & (cf < self.threshold.value)
+# %% ../nbs/09_views.ipynb #c4430ae6
+@patch
+def set_data(self: FeatureSpaceView, feats, labels, conf, bank=None):
+    "New feature sample (and optionally bank); re-projects and redraws."
+    with self._lock:
+        self.feats, self.labels, self.conf = _check_sample(feats, labels, conf)
+        if bank is not None: self.bank = snapshot_bank(bank)
+        self._sync_controls(); self._proj_key = None
+    self.refresh()
 
-    def redraw(self):
-        "Redraw from the cached projection (threshold / class changes)."
-        with self._lock:
-            if self._emb is None: return
-            ax, cols = self.ax, class_colors(self.num_classes)
-            ax.clear(); self.artists = {}
-            hi, lo = self.split()
-            y = self.labels[self._idx]
-            self.artists["high"] = ax.scatter(*self._emb[hi].T, s=9, c=cols[y[hi]], marker="o", linewidths=0, alpha=0.7)
-            self.artists["low"] = ax.scatter(*self._emb[lo].T, s=14, marker="^", facecolors="none",
-                                             edgecolors=cols[y[lo]], linewidths=0.7, alpha=0.8)
-            if self.bank is not None and len(self._emb_protos):
-                b = self.bank; cls = np.nonzero(b.valid)[0]
-                ph, pa = b.is_high[b.valid], b.added[b.valid]
-                shown = np.isin(cls, np.asarray(self.classes.value, dtype=np.int64))
-                E = self._emb_protos
-                for key, m, mk, s in (("proto_high", shown & ph, "X", 150), ("proto_low", shown & ~ph, "v", 120)):
-                    self.artists[key] = ax.scatter(*E[m].T, s=s, c=cols[cls[m]], marker=mk, edgecolors="k", linewidths=1.0, zorder=3)
-                m = shown & pa
-                self.artists["proto_added"] = ax.scatter(*E[m].T, s=420, marker="o", facecolors="none",
-                                                         edgecolors="k", linewidths=1.8, zorder=4)
-            ax.set_xlim(self._lims[0][0], self._lims[1][0]); ax.set_ylim(self._lims[0][1], self._lims[1][1])
-            ax.set_xticks([]); ax.set_yticks([])
-            ax.set_title(f"{self.method.value.upper()} of {len(self._idx)} features + "
-                         f"{len(self._emb_protos)} prototypes; threshold {self.threshold.value:.2f}", fontsize=10)
-            grey = "0.35"
-            kinds = [Line2D([], [], ls="", marker="o", color=grey, label=f"high conf ({hi.sum()})"),
-                     Line2D([], [], ls="", marker="^", mfc="none", color=grey, label=f"low conf ({lo.sum()})"),
-                     Line2D([], [], ls="", marker="X", color=grey, mec="k", ms=10, label="high prototype"),
-                     Line2D([], [], ls="", marker="v", color=grey, mec="k", ms=9, label="low prototype"),
-                     Line2D([], [], ls="", marker="o", mfc="none", mec="k", ms=14, mew=1.8, label="APO-added")]
-            leg = ax.legend(handles=kinds, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-            ax.add_artist(leg)
-            names = _class_names(self._names, self.num_classes)
-            shown_c = [c for c in self.classes.value][:20]
-            ax.legend(handles=[Line2D([], [], ls="", marker="o", color=cols[c], label=names[c]) for c in shown_c],
-                      loc="lower left", bbox_to_anchor=(1.01, 0.0), fontsize=8, frameon=False, title="classes", title_fontsize=8)
-            self._show()
-            self.status.value = (f"<small>{hi.sum()} high / {lo.sum()} low shown; projection "
-                                 f"{getattr(self, 'projection_seconds', 0):.2f}s</small>")
+# %% ../nbs/09_views.ipynb #3ad6efdd
+@patch
+def set_bank(self: FeatureSpaceView, bank):
+    "New prototypes for the same features; re-projects and redraws."
+    with self._lock:
+        self.bank = snapshot_bank(bank)
+        if self.feats is None:  # prototypes before any feature sample: show the prototypes alone
+            D = self.bank.protos.shape[2]
+            self.feats, self.labels, self.conf = np.zeros((0, D), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        self._sync_controls(); self._proj_key = None
+    self.refresh()
 
 # %% ../nbs/09_views.ipynb #4c6f1345
 def confidence_stats(feats, labels, conf, threshold: float = 0.8, num_classes: int | None = None, bins: int = 20) -> dict:
@@ -333,39 +353,43 @@ class ConfidenceStatsView(_View):
         self._observe(self.threshold, self.redraw); self._observe(self.bins, self.redraw)
         if feats is not None: self.set_data(feats, labels, conf)
 
-    def set_data(self, feats, labels, conf):
-        with self._lock:
-            self.feats, self.labels, self.conf = _check_sample(feats, labels, conf, "ConfidenceStatsView")
-        self.redraw()
+# %% ../nbs/09_views.ipynb #b0e90ea1
+@patch
+def redraw(self: ConfidenceStatsView):
+    with self._lock:
+        if self.feats is None: return
+        C = max(self._num_classes or 0, int(self.labels.max()) + 1 if len(self.labels) else 1)
+        st = self.stats = confidence_stats(self.feats, self.labels, self.conf, self.threshold.value, C, self.bins.value)
+        names, cols = _class_names(self._names, C), class_colors(C)
+        self.fig.clear(); self.artists = {"hist": {}}
+        present = [c for c in range(C) if st["count"][c] > 0][:24]
+        nc = max(1, math.ceil(math.sqrt(max(len(present), 1))))
+        nr = max(1, math.ceil(len(present) / nc))
+        gs = self.fig.add_gridspec(nr, 2 * nc + 1, wspace=0.35, hspace=0.6, left=0.04, right=0.98, top=0.9, bottom=0.12)
+        w = np.diff(st["edges"])
+        for i, c in enumerate(present):
+            ax = self.fig.add_subplot(gs[i // nc, i % nc])
+            self.artists["hist"][c] = ax.bar(st["edges"][:-1], st["hist"][c], width=w, align="edge", color=cols[c])
+            ax.axvline(self.threshold.value, color="k", lw=0.8, ls="--")
+            ax.set_title(names[c], fontsize=7, pad=2); ax.tick_params(labelsize=6); ax.set_xlim(0, 1)
+        ax = self.fig.add_subplot(gs[:, nc + 1:])
+        x = np.arange(C)
+        self.artists["bars_high"] = ax.bar(x - 0.2, np.nan_to_num(st["sim_high"]), 0.4, label="high conf", color="tab:blue")
+        self.artists["bars_low"] = ax.bar(x + 0.2, np.nan_to_num(st["sim_low"]), 0.4, label="low conf", color="tab:orange")
+        ax.set_xticks(x, [names[c] for c in range(C)], rotation=60, fontsize=7, ha="right")
+        ax.set_ylabel("mean cos sim to class centre", fontsize=8); ax.tick_params(axis="y", labelsize=7)
+        lo = np.nanmin(np.concatenate([st["sim_high"], st["sim_low"], [1.0]]))
+        ax.set_ylim(max(-1.0, lo - 0.05), 1.0); ax.legend(fontsize=8, loc="lower right")
+        ax.set_title(f"high vs low confidence (threshold {self.threshold.value:.2f})", fontsize=9)
+        self.fig.suptitle("confidence per class", x=0.25, fontsize=9)
+        self._show()
 
-    def redraw(self):
-        with self._lock:
-            if self.feats is None: return
-            C = max(self._num_classes or 0, int(self.labels.max()) + 1 if len(self.labels) else 1)
-            st = self.stats = confidence_stats(self.feats, self.labels, self.conf, self.threshold.value, C, self.bins.value)
-            names, cols = _class_names(self._names, C), class_colors(C)
-            self.fig.clear(); self.artists = {"hist": {}}
-            present = [c for c in range(C) if st["count"][c] > 0][:24]
-            nc = max(1, math.ceil(math.sqrt(max(len(present), 1))))
-            nr = max(1, math.ceil(len(present) / nc))
-            gs = self.fig.add_gridspec(nr, 2 * nc + 1, wspace=0.35, hspace=0.6, left=0.04, right=0.98, top=0.9, bottom=0.12)
-            w = np.diff(st["edges"])
-            for i, c in enumerate(present):
-                ax = self.fig.add_subplot(gs[i // nc, i % nc])
-                self.artists["hist"][c] = ax.bar(st["edges"][:-1], st["hist"][c], width=w, align="edge", color=cols[c])
-                ax.axvline(self.threshold.value, color="k", lw=0.8, ls="--")
-                ax.set_title(names[c], fontsize=7, pad=2); ax.tick_params(labelsize=6); ax.set_xlim(0, 1)
-            ax = self.fig.add_subplot(gs[:, nc + 1:])
-            x = np.arange(C)
-            self.artists["bars_high"] = ax.bar(x - 0.2, np.nan_to_num(st["sim_high"]), 0.4, label="high conf", color="tab:blue")
-            self.artists["bars_low"] = ax.bar(x + 0.2, np.nan_to_num(st["sim_low"]), 0.4, label="low conf", color="tab:orange")
-            ax.set_xticks(x, [names[c] for c in range(C)], rotation=60, fontsize=7, ha="right")
-            ax.set_ylabel("mean cos sim to class centre", fontsize=8); ax.tick_params(axis="y", labelsize=7)
-            lo = np.nanmin(np.concatenate([st["sim_high"], st["sim_low"], [1.0]]))
-            ax.set_ylim(max(-1.0, lo - 0.05), 1.0); ax.legend(fontsize=8, loc="lower right")
-            ax.set_title(f"high vs low confidence (threshold {self.threshold.value:.2f})", fontsize=9)
-            self.fig.suptitle("confidence per class", x=0.25, fontsize=9)
-            self._show()
+# %% ../nbs/09_views.ipynb #4c2e43ba
+@patch
+def set_data(self: ConfidenceStatsView, feats, labels, conf):
+    with self._lock:
+        self.feats, self.labels, self.conf = _check_sample(feats, labels, conf, "ConfidenceStatsView")
+    self.redraw()
 
 # %% ../nbs/09_views.ipynb #af6d84d3
 class DriftRecorder:
@@ -374,72 +398,84 @@ class DriftRecorder:
         self.every, self.max_len = max(1, every), max_len
         self.reset()
 
-    def reset(self, bank=None):
-        self.iterations, self.from_init, self.step = [], np.zeros((0, 0, 0), np.float32), np.zeros((0, 0, 0), np.float32)
-        self._pending, self._prev, self._init, self._usage_sum, self.meta = [], None, None, None, None
-        self._meta_src = None
-        self._count = 0
-        if bank is not None: self._start(bank)
-
     @staticmethod
     def _t(x): return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
 
-    def _start(self, bank):
-        p = self._t(bank.protos).detach()
-        init = getattr(bank, "init_protos", None)
-        self._init = (self._t(init).detach() if init is not None else p).clone().float()
-        self._prev = p.clone().float()
-        self._usage_sum = torch.zeros(p.shape[:2], dtype=torch.long, device=p.device)
-        self._meta_src = bank
-        self.meta = None
+# %% ../nbs/09_views.ipynb #d3b2baec
+@patch
+def reset(self: DriftRecorder, bank=None):
+    self.iterations, self.from_init, self.step = [], np.zeros((0, 0, 0), np.float32), np.zeros((0, 0, 0), np.float32)
+    self._pending, self._prev, self._init, self._usage_sum, self.meta = [], None, None, None, None
+    self._meta_src = None
+    self._count = 0
+    if bank is not None: self._start(bank)
 
-    def record(self, iteration: int, bank, force: bool = False):
-        "Record the bank's current prototypes (no host sync); only every `every`-th call unless `force`."
-        if self._init is None or self._init.shape != self._t(bank.protos).shape: self._start(bank)
-        self._count += 1
-        if not force and (self._count - 1) % self.every: return False
-        with torch.no_grad():
-            p = self._t(bank.protos).detach().float()
-            d0 = 1 - F.cosine_similarity(p, self._init, dim=-1, eps=1e-8)
-            d1 = 1 - F.cosine_similarity(p, self._prev, dim=-1, eps=1e-8)
-            self._prev.copy_(p)
-            u = getattr(bank, "usage", None)
-            if u is not None: self._usage_sum += self._t(u).detach().to(self._usage_sum.device, torch.long)
-            self._pending.append((int(iteration), torch.stack([d0, d1])))
-            self._last_usage = u
-        self._meta_src = bank
-        if len(self._pending) >= 256: self.flush()
-        return True
+# %% ../nbs/09_views.ipynb #c18f55af
+@patch
+def _start(self: DriftRecorder, bank):
+    p = self._t(bank.protos).detach()
+    init = getattr(bank, "init_protos", None)
+    self._init = (self._t(init).detach() if init is not None else p).clone().float()
+    self._prev = p.clone().float()
+    self._usage_sum = torch.zeros(p.shape[:2], dtype=torch.long, device=p.device)
+    self._meta_src = bank
+    self.meta = None
 
-    def flush(self):
-        "Copy queued device records to the CPU (one transfer) and thin the history if it got long."
-        pend, self._pending = self._pending, []
-        if pend:
-            arr = torch.stack([d for _, d in pend]).cpu().numpy()          # [T,2,C,S]
-            its = [i for i, _ in pend]
-            if self.from_init.size == 0: self.from_init, self.step = arr[:, 0], arr[:, 1]
-            else:
-                self.from_init = np.concatenate([self.from_init, arr[:, 0]]); self.step = np.concatenate([self.step, arr[:, 1]])
-            self.iterations += its
-        if len(self.iterations) > self.max_len:
-            self.iterations = self.iterations[::2]; self.from_init = self.from_init[::2]; self.step = self.step[::2]
-            self.every *= 2
-        if self._meta_src is not None:
-            b = self._meta_src
-            self.meta = {k: to_numpy(getattr(b, k)).astype(bool) for k in ("valid", "is_high", "added") if getattr(b, k, None) is not None}
-            u = getattr(b, "usage", None)
-            self.meta["usage"] = None if u is None else to_numpy(u).astype(np.float64)
-            self.meta["usage_sum"] = None if self._usage_sum is None else to_numpy(self._usage_sum).astype(np.float64)
+# %% ../nbs/09_views.ipynb #92b2204c
+@patch
+def record(self: DriftRecorder, iteration: int, bank, force: bool = False):
+    "Record the bank's current prototypes (no host sync); only every `every`-th call unless `force`."
+    if self._init is None or self._init.shape != self._t(bank.protos).shape: self._start(bank)
+    self._count += 1
+    if not force and (self._count - 1) % self.every: return False
+    with torch.no_grad():
+        p = self._t(bank.protos).detach().float()
+        d0 = 1 - F.cosine_similarity(p, self._init, dim=-1, eps=1e-8)
+        d1 = 1 - F.cosine_similarity(p, self._prev, dim=-1, eps=1e-8)
+        self._prev.copy_(p)
+        u = getattr(bank, "usage", None)
+        if u is not None: self._usage_sum += self._t(u).detach().to(self._usage_sum.device, torch.long)
+        self._pending.append((int(iteration), torch.stack([d0, d1])))
+        self._last_usage = u
+    self._meta_src = bank
+    if len(self._pending) >= 256: self.flush()
+    return True
 
-    def history(self) -> dict:
-        "Numpy history: `iterations [T]`, `from_init [T,C,S]`, `step [T,C,S]`, masks and usage."
-        self.flush()
-        return {"iterations": np.asarray(self.iterations, np.int64), "from_init": self.from_init, "step": self.step,
-                **(self.meta or {})}
+# %% ../nbs/09_views.ipynb #c5c18ab7
+@patch
+def flush(self: DriftRecorder):
+    "Copy queued device records to the CPU (one transfer) and thin the history if it got long."
+    pend, self._pending = self._pending, []
+    if pend:
+        arr = torch.stack([d for _, d in pend]).cpu().numpy()          # [T,2,C,S]
+        its = [i for i, _ in pend]
+        if self.from_init.size == 0: self.from_init, self.step = arr[:, 0], arr[:, 1]
+        else:
+            self.from_init = np.concatenate([self.from_init, arr[:, 0]]); self.step = np.concatenate([self.step, arr[:, 1]])
+        self.iterations += its
+    if len(self.iterations) > self.max_len:
+        self.iterations = self.iterations[::2]; self.from_init = self.from_init[::2]; self.step = self.step[::2]
+        self.every *= 2
+    if self._meta_src is not None:
+        b = self._meta_src
+        self.meta = {k: to_numpy(getattr(b, k)).astype(bool) for k in ("valid", "is_high", "added") if getattr(b, k, None) is not None}
+        u = getattr(b, "usage", None)
+        self.meta["usage"] = None if u is None else to_numpy(u).astype(np.float64)
+        self.meta["usage_sum"] = None if self._usage_sum is None else to_numpy(self._usage_sum).astype(np.float64)
 
-    def state_dict(self) -> dict:
-        h = self.history()
-        return {k: v for k, v in h.items() if v is not None}
+# %% ../nbs/09_views.ipynb #173569cf
+@patch
+def history(self: DriftRecorder) -> dict:
+    "Numpy history: `iterations [T]`, `from_init [T,C,S]`, `step [T,C,S]`, masks and usage."
+    self.flush()
+    return {"iterations": np.asarray(self.iterations, np.int64), "from_init": self.from_init, "step": self.step,
+            **(self.meta or {})}
+
+# %% ../nbs/09_views.ipynb #b842672b
+@patch
+def state_dict(self: DriftRecorder) -> dict:
+    h = self.history()
+    return {k: v for k, v in h.items() if v is not None}
 
 # %% ../nbs/09_views.ipynb #40e72d3e
 class PrototypeDriftView(_View):
@@ -459,53 +495,55 @@ class PrototypeDriftView(_View):
         if self.recorder is not None: return self.recorder.history()
         return self._history
 
-    def redraw(self):
-        with self._lock:
-            h = self.history()
-            if h is None or len(h.get("iterations", [])) == 0 or "valid" not in h: return
-            fi, st, its = h["from_init"], h["step"], h["iterations"]
-            C, S = fi.shape[1:]
-            names = _class_names(self._names, C)
-            opts = [(f"{c}: {names[c]}", c) for c in range(C)]
-            if list(self.cls.options) != opts:
-                v = self.cls.value if self.cls.value in range(C) else 0
-                self._quiet = True
-                try: self.cls.options = opts; self.cls.value = v
-                finally: self._quiet = False
-            c = self.cls.value
-            valid, is_high, added = h["valid"], h["is_high"], h["added"]
-            self.fig.clear(); self.artists = {"from_init": {}, "step": {}}
-            axs = self.fig.subplots(2, 2, gridspec_kw=dict(hspace=0.45, wspace=0.28, left=0.07, right=0.92, top=0.93, bottom=0.08))
-            slot_cols = colormaps["tab10"](np.arange(S) % 10)
-            for key, ax, title in (("from_init", axs[0, 0], "cos distance from init"), ("step", axs[0, 1], "cos distance step to step")):
-                data = fi if key == "from_init" else st
-                for s in np.nonzero(valid[c])[0]:
-                    lab = f"{'high' if is_high[c, s] else 'low'} {s}" + (" (APO)" if added[c, s] else "")
-                    y = np.maximum(data[:, c, s], 1e-12) if self.yscale.value == "log" else data[:, c, s]
-                    self.artists[key][int(s)], = ax.plot(its, y, color=slot_cols[s], ls="-" if is_high[c, s] else "--",
-                                                         lw=2.6 if added[c, s] else 1.2, label=lab, marker="o" if len(its) == 1 else None)
-                ax.set_yscale(self.yscale.value); ax.set_xlabel("iteration", fontsize=8); ax.tick_params(labelsize=7)
-                ax.set_title(f"{names[c]}: {title}", fontsize=9)
-            axs[0, 0].legend(fontsize=7, ncol=2)
-            use = h.get("usage_sum") if self.usage_mode.value == "cumulative" else h.get("usage")
-            ax = axs[1, 0]
-            if use is not None:
-                share = use[c] / max(use[c].sum(), 1)
-                vs = np.nonzero(valid[c])[0]
-                self.artists["usage"] = ax.bar([f"{'H' if is_high[c, s] else 'L'}{s}{'*' if added[c, s] else ''}" for s in vs],
-                                               share[vs], color=slot_cols[vs], edgecolor=["k" if added[c, s] else "none" for s in vs], linewidth=1.5)
-                ax.set_ylim(0, 1)
-            ax.set_title(f"{names[c]}: share of the class's pixels per prototype ({self.usage_mode.value}; * = APO)", fontsize=9)
-            ax.tick_params(labelsize=7)
-            ax = axs[1, 1]
-            cur = np.ma.masked_array(fi[-1], ~valid)
-            self.artists["heatmap"] = im = ax.imshow(cur, aspect="auto", cmap="viridis", interpolation="nearest")
-            ys, xs = np.nonzero(added & valid)
-            ax.scatter(xs, ys, marker="s", s=60, facecolors="none", edgecolors="r", linewidths=1.2)
-            ax.set_yticks(range(C), [names[k] for k in range(C)], fontsize=6); ax.set_xticks(range(S), ["H" if is_high[0, s] else "L" for s in range(S)], fontsize=7)
-            ax.set_title(f"distance from init at it {its[-1]} (red = APO)", fontsize=9)
-            self.fig.colorbar(im, ax=ax, fraction=0.05)
-            self._show()
+# %% ../nbs/09_views.ipynb #34595d3a
+@patch
+def redraw(self: PrototypeDriftView):
+    with self._lock:
+        h = self.history()
+        if h is None or len(h.get("iterations", [])) == 0 or "valid" not in h: return
+        fi, st, its = h["from_init"], h["step"], h["iterations"]
+        C, S = fi.shape[1:]
+        names = _class_names(self._names, C)
+        opts = [(f"{c}: {names[c]}", c) for c in range(C)]
+        if list(self.cls.options) != opts:
+            v = self.cls.value if self.cls.value in range(C) else 0
+            self._quiet = True
+            try: self.cls.options = opts; self.cls.value = v
+            finally: self._quiet = False
+        c = self.cls.value
+        valid, is_high, added = h["valid"], h["is_high"], h["added"]
+        self.fig.clear(); self.artists = {"from_init": {}, "step": {}}
+        axs = self.fig.subplots(2, 2, gridspec_kw=dict(hspace=0.45, wspace=0.28, left=0.07, right=0.92, top=0.93, bottom=0.08))
+        slot_cols = colormaps["tab10"](np.arange(S) % 10)
+        for key, ax, title in (("from_init", axs[0, 0], "cos distance from init"), ("step", axs[0, 1], "cos distance step to step")):
+            data = fi if key == "from_init" else st
+            for s in np.nonzero(valid[c])[0]:
+                lab = f"{'high' if is_high[c, s] else 'low'} {s}" + (" (APO)" if added[c, s] else "")
+                y = np.maximum(data[:, c, s], 1e-12) if self.yscale.value == "log" else data[:, c, s]
+                self.artists[key][int(s)], = ax.plot(its, y, color=slot_cols[s], ls="-" if is_high[c, s] else "--",
+                                                     lw=2.6 if added[c, s] else 1.2, label=lab, marker="o" if len(its) == 1 else None)
+            ax.set_yscale(self.yscale.value); ax.set_xlabel("iteration", fontsize=8); ax.tick_params(labelsize=7)
+            ax.set_title(f"{names[c]}: {title}", fontsize=9)
+        axs[0, 0].legend(fontsize=7, ncol=2)
+        use = h.get("usage_sum") if self.usage_mode.value == "cumulative" else h.get("usage")
+        ax = axs[1, 0]
+        if use is not None:
+            share = use[c] / max(use[c].sum(), 1)
+            vs = np.nonzero(valid[c])[0]
+            self.artists["usage"] = ax.bar([f"{'H' if is_high[c, s] else 'L'}{s}{'*' if added[c, s] else ''}" for s in vs],
+                                           share[vs], color=slot_cols[vs], edgecolor=["k" if added[c, s] else "none" for s in vs], linewidth=1.5)
+            ax.set_ylim(0, 1)
+        ax.set_title(f"{names[c]}: share of the class's pixels per prototype ({self.usage_mode.value}; * = APO)", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax = axs[1, 1]
+        cur = np.ma.masked_array(fi[-1], ~valid)
+        self.artists["heatmap"] = im = ax.imshow(cur, aspect="auto", cmap="viridis", interpolation="nearest")
+        ys, xs = np.nonzero(added & valid)
+        ax.scatter(xs, ys, marker="s", s=60, facecolors="none", edgecolors="r", linewidths=1.2)
+        ax.set_yticks(range(C), [names[k] for k in range(C)], fontsize=6); ax.set_xticks(range(S), ["H" if is_high[0, s] else "L" for s in range(S)], fontsize=7)
+        ax.set_title(f"distance from init at it {its[-1]} (red = APO)", fontsize=9)
+        self.fig.colorbar(im, ax=ax, fraction=0.05)
+        self._show()
 
 # %% ../nbs/09_views.ipynb #73b1e970
 def _scalar(v):
@@ -514,6 +552,7 @@ def _scalar(v):
     if isinstance(v, (int, float, np.number)) and not isinstance(v, bool): return float(v)
     return None
 
+# %% ../nbs/09_views.ipynb #3c234e44
 class CurvesView(_View):
     "Loss curves (every numeric `loss*` key of the step logs) and validation mIoU over iterations."
     def __init__(self, figsize=(10, 3.2)):
@@ -523,51 +562,58 @@ class CurvesView(_View):
         self._observe(self.smooth, self.redraw)
         self.set_records([], [])
 
-    def set_records(self, steps, vals):
-        "Replace the records: `steps` = [(iteration, logs)], `vals` = [(iteration, metrics)]; events append to them."
-        self.steps, self.vals = steps, vals
-        self._loss, self._done = {}, 0
-
     max_points = 2000
-    def series(self):
-        "Losses {key: (its, values)} (bin-averaged to <= `max_points`) and validation {key: (its, values)}."
-        n = len(self.steps)
-        for it, logs in self.steps[self._done:n]:   # incremental: each record is converted once
-            for k, v in logs.items():
-                if "loss" in k and (x := _scalar(v)) is not None: self._loss.setdefault(k, ([], []))[0].append(it); self._loss[k][1].append(x)
-        self._done = n
-        losses = {}
-        for k, (a, b) in list(self._loss.items()):
-            x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
-            if len(x) > self.max_points:
-                m = math.ceil(len(x) / self.max_points); t = len(x) // m * m
-                x, y = x[:t].reshape(-1, m).mean(1), y[:t].reshape(-1, m).mean(1)
-            losses[k] = (x, y)
-        val = {}
-        for it, m in list(self.vals):
-            for k in ("miou", "boundary_iou", "acc"):
-                if k in m and (x := _scalar(m[k])) is not None: val.setdefault(k, ([], []))[0].append(it); val[k][1].append(x)
-        return losses, {k: (np.asarray(a, np.int64), np.asarray(b, np.float64)) for k, (a, b) in val.items()}
 
-    def redraw(self):
-        with self._lock:
-            losses, val = self.series()
-            self.fig.clear(); self.artists = {"loss": {}, "val": {}}
-            a1, a2 = self.fig.subplots(1, 2, gridspec_kw=dict(wspace=0.25, left=0.06, right=0.98, top=0.88, bottom=0.16))
-            k = self.smooth.value
-            for name, (x, y) in losses.items():
-                if k > 1 and len(y) >= k: y = np.convolve(y, np.ones(k) / k, mode="valid"); x = x[k - 1:]
-                self.artists["loss"][name], = a1.plot(x, y, lw=1.2 if name == "loss" else 0.9, label=name)
-            a1.set_title("training losses", fontsize=9); a1.set_xlabel("iteration", fontsize=8); a1.tick_params(labelsize=7)
-            if losses: a1.legend(fontsize=7)
-            for name, (x, y) in val.items():
-                self.artists["val"][name], = a2.plot(x, 100 * y, marker="o", ms=3, label=name)
-            a2.set_title("validation (%)", fontsize=9); a2.set_xlabel("iteration", fontsize=8); a2.tick_params(labelsize=7)
-            if val:
-                a2.legend(fontsize=7)
-                best = int(np.argmax(val["miou"][1])) if "miou" in val else None
-                if best is not None: a2.set_title(f"validation (%): best mIoU {100 * val['miou'][1][best]:.2f} at it {val['miou'][0][best]}", fontsize=9)
-            self._show()
+# %% ../nbs/09_views.ipynb #631fbb89
+@patch
+def set_records(self: CurvesView, steps, vals):
+    "Replace the records: `steps` = [(iteration, logs)], `vals` = [(iteration, metrics)]; events append to them."
+    self.steps, self.vals = steps, vals
+    self._loss, self._done = {}, 0
+
+# %% ../nbs/09_views.ipynb #f3e65d09
+@patch
+def series(self: CurvesView):
+    "Losses {key: (its, values)} (bin-averaged to <= `max_points`) and validation {key: (its, values)}."
+    n = len(self.steps)
+    for it, logs in self.steps[self._done:n]:   # incremental: each record is converted once
+        for k, v in logs.items():
+            if "loss" in k and (x := _scalar(v)) is not None: self._loss.setdefault(k, ([], []))[0].append(it); self._loss[k][1].append(x)
+    self._done = n
+    losses = {}
+    for k, (a, b) in list(self._loss.items()):
+        x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if len(x) > self.max_points:
+            m = math.ceil(len(x) / self.max_points); t = len(x) // m * m
+            x, y = x[:t].reshape(-1, m).mean(1), y[:t].reshape(-1, m).mean(1)
+        losses[k] = (x, y)
+    val = {}
+    for it, m in list(self.vals):
+        for k in ("miou", "boundary_iou", "acc"):
+            if k in m and (x := _scalar(m[k])) is not None: val.setdefault(k, ([], []))[0].append(it); val[k][1].append(x)
+    return losses, {k: (np.asarray(a, np.int64), np.asarray(b, np.float64)) for k, (a, b) in val.items()}
+
+# %% ../nbs/09_views.ipynb #c76f31eb
+@patch
+def redraw(self: CurvesView):
+    with self._lock:
+        losses, val = self.series()
+        self.fig.clear(); self.artists = {"loss": {}, "val": {}}
+        a1, a2 = self.fig.subplots(1, 2, gridspec_kw=dict(wspace=0.25, left=0.06, right=0.98, top=0.88, bottom=0.16))
+        k = self.smooth.value
+        for name, (x, y) in losses.items():
+            if k > 1 and len(y) >= k: y = np.convolve(y, np.ones(k) / k, mode="valid"); x = x[k - 1:]
+            self.artists["loss"][name], = a1.plot(x, y, lw=1.2 if name == "loss" else 0.9, label=name)
+        a1.set_title("training losses", fontsize=9); a1.set_xlabel("iteration", fontsize=8); a1.tick_params(labelsize=7)
+        if losses: a1.legend(fontsize=7)
+        for name, (x, y) in val.items():
+            self.artists["val"][name], = a2.plot(x, 100 * y, marker="o", ms=3, label=name)
+        a2.set_title("validation (%)", fontsize=9); a2.set_xlabel("iteration", fontsize=8); a2.tick_params(labelsize=7)
+        if val:
+            a2.legend(fontsize=7)
+            best = int(np.argmax(val["miou"][1])) if "miou" in val else None
+            if best is not None: a2.set_title(f"validation (%): best mIoU {100 * val['miou'][1][best]:.2f} at it {val['miou'][0][best]}", fontsize=9)
+        self._show()
 
 # %% ../nbs/09_views.ipynb #c9a9b5a6
 def _timed(f):
@@ -579,6 +625,7 @@ def _timed(f):
     g.__name__, g.__qualname__, g.__doc__ = f.__name__, f.__qualname__, f.__doc__
     return g
 
+# %% ../nbs/09_views.ipynb #f12d42db
 class TrainingDashboard:
     "Live dashboard: a `Trainer` callback that shows losses, mIoU, feature space, confidence stats and prototype drift."
     def __init__(self, trainer=None, class_names=None, num_classes=None, interval: float = 2.0, feature_interval: float = 10.0,
@@ -618,150 +665,181 @@ class TrainingDashboard:
 
     def _repr_mimebundle_(self, **kw): return self.widget._repr_mimebundle_(**kw)
 
-    # ---- wiring -------------------------------------------------------------------------------------
-    def attach(self, trainer):
-        "Subscribe to `trainer`'s events (`trainer.add_callback(self)`)."
-        if self.trainer is trainer: return self
-        self.trainer = trainer
-        if hasattr(trainer, "add_callback"): trainer.add_callback(self)
-        self.stop_button.disabled = False
-        return self
+# %% ../nbs/09_views.ipynb #5e0d3170
+# ---- wiring -------------------------------------------------------------------------------------
+@patch
+def attach(self: TrainingDashboard, trainer):
+    "Subscribe to `trainer`'s events (`trainer.add_callback(self)`)."
+    if self.trainer is trainer: return self
+    self.trainer = trainer
+    if hasattr(trainer, "add_callback"): trainer.add_callback(self)
+    self.stop_button.disabled = False
+    return self
 
-    def run(self, trainer=None, block: bool = False):
-        "Run `trainer.fit()` in a background thread (the notebook stays usable); returns the thread."
-        if trainer is not None: self.attach(trainer)
-        if self.trainer is None: raise ValueError("TrainingDashboard.run: no trainer attached")
-        if self.thread is not None and self.thread.is_alive(): raise RuntimeError("training is already running")
-        self.exception, self.state = None, "running"
-        self._set_status()
-        self.start_timer()
-        def target():
-            try: self.trainer.fit()
-            except BaseException as e:
-                self.exception = e; self.state = "failed"
-                self.error.append_stderr("".join(traceback.format_exception(type(e), e, e.__traceback__)))
-            finally:
-                if self.state == "running": self.state = "stopped" if getattr(self, "_stop_requested", False) else "finished"
-                self.stop_timer(); self.redraw(all_views=True); self._set_status()
-                self.stop_button.disabled = True
-        self.thread = threading.Thread(target=target, name="brpg-fit", daemon=True)
-        self.thread.start()
-        if block: self.thread.join()
-        return self.thread
+# %% ../nbs/09_views.ipynb #f964ee53
+@patch
+def stop(self: TrainingDashboard):
+    "Ask the trainer to stop after the current step (it writes a checkpoint)."
+    self._stop_requested = True
+    if self.trainer is not None and hasattr(self.trainer, "stop"): self.trainer.stop()
+    self.stop_button.disabled = True; self.status.value = "<b>stopping…</b>"
 
-    def join(self, timeout=None):
-        if self.thread is not None: self.thread.join(timeout)
-        return self
+# %% ../nbs/09_views.ipynb #57c9aa27
+# ---- trainer events (training thread: store and mark dirty only) ---------------------------------
+@patch_to(TrainingDashboard)
+@_timed
+def on_step_end(self, trainer, logs: dict):
+    with self._lock:
+        self._iteration = getattr(trainer, "iteration", self._iteration + 1); self._epoch = getattr(trainer, "epoch", 0)
+        self.curves.steps.append((self._iteration, dict(logs))); self._dirty["curves"] = True
 
-    def stop(self):
-        "Ask the trainer to stop after the current step (it writes a checkpoint)."
-        self._stop_requested = True
-        if self.trainer is not None and hasattr(self.trainer, "stop"): self.trainer.stop()
-        self.stop_button.disabled = True; self.status.value = "<b>stopping…</b>"
+# %% ../nbs/09_views.ipynb #72e7f3ac
+@patch_to(TrainingDashboard)
+@_timed
+def on_validation_end(self, trainer, metrics: dict):
+    with self._lock:
+        self.curves.vals.append((getattr(trainer, "iteration", self._iteration), dict(metrics))); self._dirty["curves"] = True
 
-    def start_timer(self):
-        "Start the redraw thread: every `interval` s, stretched so drawing stays under `max_duty` of the time."
-        if self._timer is not None and self._timer.is_alive(): return
-        self._timer_stop.clear()
-        def loop():
-            wait = self.interval
-            while not self._timer_stop.is_set():
-                self._wake_evt.wait(wait); self._wake_evt.clear()
-                if self._timer_stop.is_set(): break
-                t0 = time.perf_counter()
-                try: self.redraw()
-                except Exception as e:  # a view bug must not kill training; show it once
-                    self.error.append_stderr(f"dashboard redraw failed: {e!r}\n")
-                wait = max(self.interval, (time.perf_counter() - t0) / self.max_duty)
-        self._timer = threading.Thread(target=loop, name="brpg-dashboard", daemon=True); self._timer.start()
+# %% ../nbs/09_views.ipynb #e877d429
+@patch_to(TrainingDashboard)
+@_timed
+def on_features_sampled(self, trainer, sample: dict):
+    with self._lock:
+        self._sample = {k: sample[k] for k in ("feats", "labels", "conf") if k in sample}
+        self._dirty["features"] = self._dirty["stats"] = True
 
-    def stop_timer(self):
-        self._timer_stop.set(); self._wake_evt.set()
-        if self._timer is not None and self._timer is not threading.current_thread(): self._timer.join(timeout=30)
-        self._timer = None
+# %% ../nbs/09_views.ipynb #a5180ab3
+@patch_to(TrainingDashboard)
+@_timed
+def on_prototypes_initialized(self, trainer, bank):
+    with self._lock:
+        self.recorder.reset(bank); self._bank = bank; self._bank_pending = True
+        self._dirty["features"] = self._dirty["drift"] = True
 
-    def _wake(self): self._wake_evt.set()
+# %% ../nbs/09_views.ipynb #6a62f7fe
+@patch_to(TrainingDashboard)
+@_timed
+def on_prototypes_updated(self, trainer, bank):
+    with self._lock:
+        self.recorder.record(getattr(trainer, "iteration", self._iteration), bank)
+        self._bank = bank; self._bank_pending = True; self._dirty["drift"] = True
 
-    # ---- trainer events (training thread: store and mark dirty only) ---------------------------------
-    @_timed
-    def on_step_end(self, trainer, logs: dict):
-        with self._lock:
-            self._iteration = getattr(trainer, "iteration", self._iteration + 1); self._epoch = getattr(trainer, "epoch", 0)
-            self.curves.steps.append((self._iteration, dict(logs))); self._dirty["curves"] = True
+# %% ../nbs/09_views.ipynb #2c8671d9
+@patch_to(TrainingDashboard)
+@_timed
+def on_fit_end(self, trainer):
+    if self.save_state and getattr(trainer, "out_dir", None) is not None:
+        try: self.save(Path(trainer.out_dir) / "views_state.npz")
+        except Exception as e: self.error.append_stderr(f"could not save views_state.npz: {e!r}\n")
 
-    @_timed
-    def on_validation_end(self, trainer, metrics: dict):
-        with self._lock:
-            self.curves.vals.append((getattr(trainer, "iteration", self._iteration), dict(metrics))); self._dirty["curves"] = True
+# %% ../nbs/09_views.ipynb #df61ddd9
+# ---- drawing (timer thread) ----------------------------------------------------------------------
+@patch
+def _set_status(self: TrainingDashboard):
+    s = {"running": "running", "finished": "finished", "stopped": "stopped (checkpoint written)", "failed": "FAILED"}.get(self.state, self.state)
+    self.status.value = f"<b>{s}</b> &nbsp; iteration {self._iteration}, epoch {self._epoch} &nbsp; <small>redraws {self.draws}, " \
+                        f"event time {self.event_seconds:.2f}s, draw time {self.draw_seconds:.1f}s</small>"
 
-    @_timed
-    def on_features_sampled(self, trainer, sample: dict):
-        with self._lock:
-            self._sample = {k: sample[k] for k in ("feats", "labels", "conf") if k in sample}
-            self._dirty["features"] = self._dirty["stats"] = True
+# %% ../nbs/09_views.ipynb #f679f669
+@patch
+def redraw(self: TrainingDashboard, all_views: bool = False):
+    "Redraw dirty views (all dirty views if `all_views`, else the curves and the visible tab)."
+    t0 = time.perf_counter()
+    tab = self.tabs.selected_index
+    with self._lock:  # decide and clear flags atomically; events arriving later set them again
+        d, sample = self._dirty, self._sample
+        do_curves = d["curves"]
+        do_feat = ((all_views or tab == 0) and d["features"] and (sample is not None or self._bank is not None)
+                   and (all_views or time.perf_counter() - self._last_feature_draw >= self.feature_interval))
+        do_stats = (all_views or tab == 1) and d["stats"] and sample is not None
+        do_drift = (all_views or tab == 2) and d["drift"]
+        bank = self._bank if (do_feat and self._bank_pending) else None
+        if do_curves: d["curves"] = False
+        if do_feat: d["features"] = False; self._last_feature_draw = time.perf_counter(); self._bank_pending = bank is None and self._bank_pending
+        if do_stats: d["stats"] = False
+        if do_drift: d["drift"] = False; self.recorder.flush()
+    if do_curves: self.curves.redraw()
+    if do_feat:
+        snap = snapshot_bank(bank) if bank is not None else None
+        if sample is not None: self.features.set_data(sample["feats"], sample["labels"], sample["conf"], snap)
+        else: self.features.set_bank(snap)
+    if do_stats: self.stats.set_data(sample["feats"], sample["labels"], sample["conf"])
+    if do_drift: self.drift.redraw()
+    drew = do_curves or do_feat or do_stats or do_drift
+    if drew: self.draws += 1; self.draw_seconds += time.perf_counter() - t0
+    self._set_status()
+    return drew
 
-    @_timed
-    def on_prototypes_initialized(self, trainer, bank):
-        with self._lock:
-            self.recorder.reset(bank); self._bank = bank; self._bank_pending = True
-            self._dirty["features"] = self._dirty["drift"] = True
+# %% ../nbs/09_views.ipynb #75619e6a
+# ---- persistence ---------------------------------------------------------------------------------
+@patch
+def save(self: TrainingDashboard, path):
+    "Save drift history and the last feature sample to an `.npz` (read back by `open_run`)."
+    with self._lock:
+        h = self.recorder.state_dict(); s = self._sample or {}
+        arrs = {f"drift_{k}": np.asarray(v) for k, v in h.items()}
+        arrs.update({f"sample_{k}": to_numpy(v) for k, v in s.items()})
+        if self.class_names is not None: arrs["class_names"] = np.asarray([str(n) for n in self.class_names])
+    np.savez_compressed(path, **arrs)
+    return Path(path)
 
-    @_timed
-    def on_prototypes_updated(self, trainer, bank):
-        with self._lock:
-            self.recorder.record(getattr(trainer, "iteration", self._iteration), bank)
-            self._bank = bank; self._bank_pending = True; self._dirty["drift"] = True
+# %% ../nbs/09_views.ipynb #c30fb703
+@patch
+def start_timer(self: TrainingDashboard):
+    "Start the redraw thread: every `interval` s, stretched so drawing stays under `max_duty` of the time."
+    if self._timer is not None and self._timer.is_alive(): return
+    self._timer_stop.clear()
+    def loop():
+        wait = self.interval
+        while not self._timer_stop.is_set():
+            self._wake_evt.wait(wait); self._wake_evt.clear()
+            if self._timer_stop.is_set(): break
+            t0 = time.perf_counter()
+            try: self.redraw()
+            except Exception as e:  # a view bug must not kill training; show it once
+                self.error.append_stderr(f"dashboard redraw failed: {e!r}\n")
+            wait = max(self.interval, (time.perf_counter() - t0) / self.max_duty)
+    self._timer = threading.Thread(target=loop, name="brpg-dashboard", daemon=True); self._timer.start()
 
-    @_timed
-    def on_fit_end(self, trainer):
-        if self.save_state and getattr(trainer, "out_dir", None) is not None:
-            try: self.save(Path(trainer.out_dir) / "views_state.npz")
-            except Exception as e: self.error.append_stderr(f"could not save views_state.npz: {e!r}\n")
+# %% ../nbs/09_views.ipynb #779af74c
+@patch
+def stop_timer(self: TrainingDashboard):
+    self._timer_stop.set(); self._wake_evt.set()
+    if self._timer is not None and self._timer is not threading.current_thread(): self._timer.join(timeout=30)
+    self._timer = None
 
-    # ---- drawing (timer thread) ----------------------------------------------------------------------
-    def _set_status(self):
-        s = {"running": "running", "finished": "finished", "stopped": "stopped (checkpoint written)", "failed": "FAILED"}.get(self.state, self.state)
-        self.status.value = f"<b>{s}</b> &nbsp; iteration {self._iteration}, epoch {self._epoch} &nbsp; <small>redraws {self.draws}, " \
-                            f"event time {self.event_seconds:.2f}s, draw time {self.draw_seconds:.1f}s</small>"
+@patch
+def _wake(self: TrainingDashboard): self._wake_evt.set()
 
-    def redraw(self, all_views: bool = False):
-        "Redraw dirty views (all dirty views if `all_views`, else the curves and the visible tab)."
-        t0 = time.perf_counter()
-        tab = self.tabs.selected_index
-        with self._lock:  # decide and clear flags atomically; events arriving later set them again
-            d, sample = self._dirty, self._sample
-            do_curves = d["curves"]
-            do_feat = ((all_views or tab == 0) and d["features"] and (sample is not None or self._bank is not None)
-                       and (all_views or time.perf_counter() - self._last_feature_draw >= self.feature_interval))
-            do_stats = (all_views or tab == 1) and d["stats"] and sample is not None
-            do_drift = (all_views or tab == 2) and d["drift"]
-            bank = self._bank if (do_feat and self._bank_pending) else None
-            if do_curves: d["curves"] = False
-            if do_feat: d["features"] = False; self._last_feature_draw = time.perf_counter(); self._bank_pending = bank is None and self._bank_pending
-            if do_stats: d["stats"] = False
-            if do_drift: d["drift"] = False; self.recorder.flush()
-        if do_curves: self.curves.redraw()
-        if do_feat:
-            snap = snapshot_bank(bank) if bank is not None else None
-            if sample is not None: self.features.set_data(sample["feats"], sample["labels"], sample["conf"], snap)
-            else: self.features.set_bank(snap)
-        if do_stats: self.stats.set_data(sample["feats"], sample["labels"], sample["conf"])
-        if do_drift: self.drift.redraw()
-        drew = do_curves or do_feat or do_stats or do_drift
-        if drew: self.draws += 1; self.draw_seconds += time.perf_counter() - t0
-        self._set_status()
-        return drew
+# %% ../nbs/09_views.ipynb #aaceab7b
+@patch
+def run(self: TrainingDashboard, trainer=None, block: bool = False):
+    "Run `trainer.fit()` in a background thread (the notebook stays usable); returns the thread."
+    if trainer is not None: self.attach(trainer)
+    if self.trainer is None: raise ValueError("TrainingDashboard.run: no trainer attached")
+    if self.thread is not None and self.thread.is_alive(): raise RuntimeError("training is already running")
+    self.exception, self.state = None, "running"
+    self._set_status()
+    self.start_timer()
+    def target():
+        try: self.trainer.fit()
+        except BaseException as e:
+            self.exception = e; self.state = "failed"
+            self.error.append_stderr("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+        finally:
+            if self.state == "running": self.state = "stopped" if getattr(self, "_stop_requested", False) else "finished"
+            self.stop_timer(); self.redraw(all_views=True); self._set_status()
+            self.stop_button.disabled = True
+    self.thread = threading.Thread(target=target, name="brpg-fit", daemon=True)
+    self.thread.start()
+    if block: self.thread.join()
+    return self.thread
 
-    # ---- persistence ---------------------------------------------------------------------------------
-    def save(self, path):
-        "Save drift history and the last feature sample to an `.npz` (read back by `open_run`)."
-        with self._lock:
-            h = self.recorder.state_dict(); s = self._sample or {}
-            arrs = {f"drift_{k}": np.asarray(v) for k, v in h.items()}
-            arrs.update({f"sample_{k}": to_numpy(v) for k, v in s.items()})
-            if self.class_names is not None: arrs["class_names"] = np.asarray([str(n) for n in self.class_names])
-        np.savez_compressed(path, **arrs)
-        return Path(path)
+# %% ../nbs/09_views.ipynb #d78f4879
+@patch
+def join(self: TrainingDashboard, timeout=None):
+    if self.thread is not None: self.thread.join(timeout)
+    return self
 
 # %% ../nbs/09_views.ipynb #658fb77f
 def read_metrics(path) -> tuple[list, list]:
@@ -779,6 +857,7 @@ def read_metrics(path) -> tuple[list, list]:
         (vals if is_val else steps).append((int(it), {k: v for k, v in r.items() if k not in ("iteration", "iter", "step", "it")}))
     return steps, vals
 
+# %% ../nbs/09_views.ipynb #ca434143
 def _load_ckpt(path):
     "`brpg.checkpoint.read_checkpoint` (weights_only), with a missing file as FileNotFoundError."
     from brpg.checkpoint import read_checkpoint
@@ -786,6 +865,7 @@ def _load_ckpt(path):
     if not path.exists(): raise FileNotFoundError(f"checkpoint {path} does not exist")
     return read_checkpoint(path)
 
+# %% ../nbs/09_views.ipynb #df6038fa
 def _static_history(snap: BankSnapshot, iteration: int) -> dict:
     p, init = snap.protos, snap.init_protos if snap.init_protos is not None else snap.protos
     cos = (p * init).sum(-1) / np.maximum(np.linalg.norm(p, axis=-1) * np.linalg.norm(init, axis=-1), 1e-8)
@@ -793,6 +873,7 @@ def _static_history(snap: BankSnapshot, iteration: int) -> dict:
     return {"iterations": np.array([iteration]), "from_init": d, "step": np.full_like(d, np.nan),
             "valid": snap.valid, "is_high": snap.is_high, "added": snap.added, "usage": snap.usage, "usage_sum": snap.usage}
 
+# %% ../nbs/09_views.ipynb #af59a059
 def _names_from_config(ck) -> list | None:
     "Class names of the dataset named in a Trainer checkpoint's config (None if unknown)."
     try:
@@ -803,6 +884,7 @@ def _names_from_config(ck) -> list | None:
         return names if names is not None and len(names) == C else None
     except Exception: return None
 
+# %% ../nbs/09_views.ipynb #f3b31f94
 def features_from_checkpoint(path_or_ckpt, n_images: int = 4, max_points: int = 4000, which: str = "auto",
                              device="cpu", seed: int = 0) -> dict:
     """A feature sample for the views from a `Trainer` checkpoint: its inference network (`which="auto"`: the one
@@ -836,6 +918,7 @@ def features_from_checkpoint(path_or_ckpt, n_images: int = 4, max_points: int = 
         f, y, c = f[idx], y[idx], c[idx]
     return {"feats": f.cpu(), "labels": y.cpu(), "conf": c.cpu(), "class_names": list(ds["class_names"])}
 
+# %% ../nbs/09_views.ipynb #4243a15b
 def from_checkpoint(path, run_dir=None, class_names=None, method: str = "pca", features="auto", n_images: int = 4) -> TrainingDashboard:
     """A static `TrainingDashboard` showing the bank in checkpoint `path` (plus `metrics.jsonl` / `views_state.npz` of its run
     dir). Without a saved feature sample, `features` True/"auto" computes one with `features_from_checkpoint`
@@ -874,6 +957,7 @@ def from_checkpoint(path, run_dir=None, class_names=None, method: str = "pca", f
     dash.stop_button.disabled = True; dash.status.value = f"<b>loaded</b> {path} (iteration {it})"
     return dash
 
+# %% ../nbs/09_views.ipynb #bb3c52ea
 def open_run(run_dir, checkpoint: str = "last.pt", class_names=None, method: str = "pca", features="auto",
              n_images: int = 4) -> TrainingDashboard:
     "Open a finished (or stopped) run directory for inspection: curves, prototype bank, drift, last feature sample."
