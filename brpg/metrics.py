@@ -14,7 +14,7 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['SegMetric', 'boundary_width', 'erode', 'mask_boundary', 'BoundaryIoU', 'sliding_windows', 'center_crop', 'infer',
-           'evaluate']
+           'padding_mask', 'evaluate']
 
 # %% ../nbs/03_metrics.ipynb #bb98e780
 class _Counts:
@@ -148,21 +148,53 @@ class BoundaryIoU(_Counts):
 
 # %% ../nbs/03_metrics.ipynb #16280dd4
 @patch
-def update(self: BoundaryIoU, pred: torch.Tensor, target: torch.Tensor):
-    "Add a batch of label maps (integer [B,H,W] or [H,W]); d is computed from H and W."
-    pred, target = self._check(pred, target)
-    if pred.dim() == 2: pred, target = pred[None], target[None]
-    t = self._ensure(pred.device)
-    valid = self._count_invalid(t, pred, target)
+def _add_bands(self: BoundaryIoU, t, pred, target, ok):
+    "Accumulate band intersections / unions of [B,H,W] label maps; d from this H×W; `ok` = pixels counted."
     B, H, W = target.shape
     d = boundary_width(H, W, self.dilation_ratio)
     chunk = max(1, self.max_elems // max(1, B * H * W))
     for c0 in range(0, self.num_classes, chunk):  # class chunks bound memory; one chunk in the usual case
         cls = torch.arange(c0, min(c0 + chunk, self.num_classes), device=pred.device)[None, :, None, None]
-        g = mask_boundary(target[:, None] == cls, d) & valid[:, None]
-        p = mask_boundary(pred[:, None] == cls, d) & valid[:, None]
+        g = mask_boundary(target[:, None] == cls, d) & ok[:, None]
+        p = mask_boundary(pred[:, None] == cls, d) & ok[:, None]
         t["inter"][c0:c0 + cls.shape[1]] += (g & p).sum((0, 2, 3))
         t["union"][c0:c0 + cls.shape[1]] += (g | p).sum((0, 2, 3))
+
+# %% ../nbs/03_metrics.ipynb #68ff63c9
+def _valid_boxes(valid: torch.Tensor) -> list:
+    "Per image of bool [B,H,W]: (y0, y1, x0, x1) of the bounding box of its True pixels, or None when it has none."
+    B, H, W = valid.shape
+    rows, cols = valid.any(2), valid.any(1)
+    first = lambda m: m.to(torch.uint8).argmax(1)          # argmax returns the first maximal index
+    last = lambda m, n: n - first(m.flip(1))
+    box = torch.stack([rows.any(1).long(), first(rows), last(rows, H), first(cols), last(cols, W)], 1).tolist()
+    return [tuple(b[1:]) if b[0] else None for b in box]
+
+# %% ../nbs/03_metrics.ipynb #34682039
+@patch
+def update(self: BoundaryIoU, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None):
+    """Add a batch of label maps (integer [B,H,W] or [H,W]). `valid` (bool, same shape): the non-padding pixels;
+    each image is then scored on the bounding box of its valid pixels as that unpadded crop (d from its size).
+    Without `valid`, d is computed from H and W of the canvas."""
+    pred, target = self._check(pred, target)
+    if pred.dim() == 2: pred, target = pred[None], target[None]
+    t = self._ensure(pred.device)
+    ok = self._count_invalid(t, pred, target)
+    B, H, W = target.shape
+    if valid is None:
+        self._add_bands(t, pred, target, ok); return self
+    valid = valid.to(pred.device).bool()
+    if valid.dim() == 2: valid = valid[None]
+    if valid.shape != target.shape:
+        raise ValueError(f"BoundaryIoU: valid shape {tuple(valid.shape)} != target shape {tuple(target.shape)}")
+    boxes = _valid_boxes(valid)
+    if all(b == (0, H, 0, W) for b in boxes): self._add_bands(t, pred, target, ok)   # no padding: one batched pass
+    else:
+        for i, b in enumerate(boxes):
+            if b is None: continue                                  # all padding: nothing to count
+            y0, y1, x0, x1 = b
+            sl = (slice(i, i + 1), slice(y0, y1), slice(x0, x1))
+            self._add_bands(t, pred[sl], target[sl], ok[sl] & valid[sl])
     return self
 
 # %% ../nbs/03_metrics.ipynb #ee66f4a1
@@ -185,8 +217,9 @@ def _logits(model, x: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 # %% ../nbs/03_metrics.ipynb #a1f64901
 def sliding_windows(H: int, W: int, crop: int, stride: int) -> list:
-    "Window boxes (y0, y1, x0, x1) of the official sliding-window grid over an H×W image (H, W >= crop)."
+    "Window boxes (y0, y1, x0, x1) of the official sliding-window grid over an H×W image (H, W >= crop, stride <= crop)."
     if stride < 1 or crop < 1: raise ValueError(f"sliding window needs crop >= 1 and stride >= 1, got {crop}, {stride}")
+    if stride > crop: raise ValueError(f"sliding window stride {stride} > crop {crop} would leave pixels uncovered")
     def starts(n):
         k = max(math.ceil((n - crop) / stride), 0) + 1
         return sorted({max(min(i * stride + crop, n) - crop, 0) for i in range(k)})
@@ -230,6 +263,9 @@ def infer(model, image: torch.Tensor, num_classes: int, mode: str = "whole", cro
     if image.dim() != 4: raise ValueError(f"infer: image must be [B,3,H,W], got shape {tuple(image.shape)}")
     if mode == "center_crop": image = center_crop(image, crop_size, 0.0)
     stride = stride or math.ceil(2 * crop_size / 3)
+    if mode == "sliding" and (crop_size < 1 or stride < 1 or stride > crop_size):
+        raise ValueError(f"eval.stride = {stride} with eval.crop_size = {crop_size}: the sliding window needs "
+                         f"1 <= eval.stride <= eval.crop_size (0 = ceil(2/3 * crop)), else pixels stay uncovered (NaN)")
     H, W = image.shape[-2:]
     total, n = None, 0
     for s in scales:
@@ -244,6 +280,11 @@ def infer(model, image: torch.Tensor, num_classes: int, mode: str = "whole", cro
     return total / n
 
 # %% ../nbs/03_metrics.ipynb #dbd104ce
+def padding_mask(image: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    "Bool [B,H,W], True on image pixels, False on padding: image 0 in every channel *and* label `ignore_index`."
+    return (target != ignore_index) | (image != 0).any(1)
+
+# %% ../nbs/03_metrics.ipynb #cbc46d39
 def evaluate(model: nn.Module, loader, cfg, device, amp_dtype=None, max_batches: int | None = None) -> dict:
     "Validate `model` on `loader` per `cfg.eval`: {'miou','iou','acc','boundary_iou','boundary_iou_per_class'}."
     C, ign, e = cfg.data.num_classes, cfg.data.ignore_index, cfg.eval
@@ -258,14 +299,16 @@ def evaluate(model: nn.Module, loader, cfg, device, amp_dtype=None, max_batches:
                 if max_batches is not None and i >= max_batches: break
                 img, tgt = (batch["image"], batch["mask"]) if isinstance(batch, dict) else batch[:2]
                 img, tgt = img.to(device, non_blocking=True).float(), tgt.to(device, non_blocking=True).long()
+                valid = padding_mask(img, tgt, ign)          # boundary IoU on the image, not on the padded canvas
                 if e.mode == "center_crop":
                     tgt = center_crop(tgt, e.crop_size, cfg.data.label_pad_value)
+                    valid = center_crop(valid.to(torch.uint8), e.crop_size, 0).bool()
                 with ac:
                     lg = infer(model, img, C, e.mode, e.crop_size, e.stride, e.flip, tuple(e.scales))
                 if lg.shape[-2:] != tgt.shape[-2:]:
                     lg = F.interpolate(lg, size=tgt.shape[-2:], mode="bilinear", align_corners=True)
                 pred = lg.argmax(1)
-                seg.update(pred, tgt); bnd.update(pred, tgt)
+                seg.update(pred, tgt); bnd.update(pred, tgt, valid)
     finally:
         model.train(was_training)
     r, b = seg.reduce().compute(), bnd.reduce().compute()
