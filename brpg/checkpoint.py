@@ -4,7 +4,7 @@
 
 # %% ../nbs/07b_checkpoint.ipynb #db1b9ab1
 from __future__ import annotations
-import dataclasses, os, shutil
+import dataclasses, os, pickle, shutil, zipfile
 from pathlib import Path
 import torch
 
@@ -48,6 +48,21 @@ def resolve_checkpoint(path) -> Path:
     if not p.is_file(): raise CheckpointError(f"checkpoint '{p}' not found")
     return p
 
+# %% ../nbs/07b_checkpoint.ipynb #f9c62a94
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"   # torch.save before the zip format
+
+def _unreadable_reason(p: Path, e: Exception) -> str:
+    "Why `torch.load(weights_only=True)` failed on `p`, in one short clause (none of torch's advice)."
+    size = p.stat().st_size
+    if size == 0: return "the file is empty (0 bytes: truncated, or not written by brpg/torch)"
+    with open(p, "rb") as f: head = f.read(len(_LEGACY_MAGIC))
+    is_torch = zipfile.is_zipfile(p) or head == _LEGACY_MAGIC
+    if is_torch and isinstance(e, pickle.UnpicklingError):
+        return "it is a torch file holding pickled Python objects besides tensors and plain containers, which brpg does not load"
+    if is_torch: return f"the torch archive is damaged ({type(e).__name__})"
+    if head.startswith(b"PK\x03\x04"): return f"the file ({size} bytes) is a truncated or damaged torch archive"
+    return f"the file ({size} bytes) is not a torch checkpoint (truncated, or not written by brpg/torch)"
+
 # %% ../nbs/07b_checkpoint.ipynb #76bcde45
 def read_checkpoint(path, map_location="cpu", trainer: bool = False) -> dict:
     """`torch.load(weights_only=True)` a checkpoint file or run directory; the dict gets `_path`. `trainer=True`
@@ -55,8 +70,7 @@ def read_checkpoint(path, map_location="cpu", trainer: bool = False) -> dict:
     p = resolve_checkpoint(path)
     try: ck = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"checkpoint '{p}' is not a readable torch checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        raise CheckpointError(f"checkpoint '{p}' is not a readable torch checkpoint: {_unreadable_reason(p, e)}") from None
     if not isinstance(ck, dict): raise CheckpointError(f"checkpoint '{p}' holds a {type(ck).__name__}, expected a dict")
     if trainer and not isinstance(ck.get("student"), dict):
         raise CheckpointError(f"checkpoint '{p}' is not a brpg trainer checkpoint (no 'student' weights)")

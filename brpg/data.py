@@ -18,14 +18,14 @@ from PIL import Image, ImageFilter, UnidentifiedImageError
 from .config import Config, DataConfig, ConfigError, load_config, method_has
 
 # %% auto #0
-__all__ = ['VOC_CLASSES', 'CITYSCAPES_CLASSES', 'COCO_CLASSES', 'DEMO_CLASSES', 'IMG_EXTS', 'voc_palette', 'colorize',
+__all__ = ['VOC_CLASSES', 'CITYSCAPES_CLASSES', 'COCO_CLASSES', 'DEMO_CLASSES', 'IMG_EXTS', 'SPLITS', 'voc_palette', 'colorize',
            'normalize', 'denormalize', 'DatasetError', 'Sample', 'read_split', 'cityscapes_label_path', 'parse_line',
            'read_samples', 'load_image', 'load_mask', 'check_mask', 'draw_scale', 'pad_crop', 'labeled_transform',
            'color_jitter', 'gaussian_blur', 'unlabeled_transform', 'val_transform', 'SegDataset', 'LabeledDataset',
            'UnlabeledDataset', 'ValDataset', 'default_cache_dir', 'Catalog', 'dataset_root', 'resolve_num_classes',
-           'dataset_catalog', 'validate_dataset', 'build_datasets', 'image_modes', 'data_report', 'mix_seed',
-           'resample_indices', 'Resampled', 'SeededSampler', 'ShardSampler', 'seed_worker', 'pad_collate',
-           'build_loaders', 'loader_pass', 'cutmix_masks', 'apply_cutmix']
+           'dataset_catalog', 'validate_dataset', 'format_problems', 'build_datasets', 'image_modes', 'data_report',
+           'mix_seed', 'resample_indices', 'Resampled', 'SeededSampler', 'ShardSampler', 'seed_worker', 'pad_collate',
+           'unwrap_worker_error', 'SegLoader', 'build_loaders', 'loader_pass', 'cutmix_masks', 'apply_cutmix']
 
 # %% ../nbs/01_data.ipynb #4556928b
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -87,7 +87,8 @@ def denormalize(img: torch.Tensor, mean=(123.675, 116.28, 103.53), std=(58.395, 
 
 # %% ../nbs/01_data.ipynb #b8611270
 class DatasetError(ValueError):
-    "A dataset problem; the message names the split file, the line and the path at fault."
+    "A dataset problem; the one-line message names the split file, the line and the path at fault."
+    def __reduce__(self): return (type(self), (str(self),))   # pickles as its message alone: safe across processes
 
 @dataclass(frozen=True)
 class Sample:
@@ -456,9 +457,21 @@ def _splits_hint(layout: str, root: Path) -> str:
     pool = f"'{train}'" if train.is_file() else f"the masks in '{root / _voc_mask_dir(root)}' ({train} not found)"
     return f" (create it with `brpg splits --config <your config> --n-labeled N`, which draws N labeled images from {pool})"
 
+# %% ../nbs/01_data.ipynb #0b89906b
+SPLITS = ("labeled", "unlabeled", "val")
+
+def _check_splits(splits) -> tuple:
+    "`splits` as a tuple; a `ValueError` unless it is a non-empty subset of `SPLITS`."
+    splits = (splits,) if isinstance(splits, str) else tuple(splits)
+    if not splits or any(s not in SPLITS for s in splits):
+        raise ValueError(f"splits={splits!r}: expected a non-empty subset of {list(SPLITS)}")
+    return splits
+
 # %% ../nbs/01_data.ipynb #ea3e097a
-def dataset_catalog(cfg: Config) -> Catalog:
-    "Resolve root, split files and class names of `cfg.data`; structural problems go to `.problems`."
+def dataset_catalog(cfg: Config, splits=SPLITS) -> Catalog:
+    """Resolve root, split files and class names of `cfg.data`; structural problems go to `.problems`.
+    Only the `splits` named are read (`("val",)` for evaluation); the others stay empty lists."""
+    splits = _check_splits(splits)
     cfg = resolve_num_classes(cfg)
     d = cfg.data
     root = dataset_root(cfg)
@@ -467,25 +480,26 @@ def dataset_catalog(cfg: Config) -> Catalog:
     problems: list = []
     class_names = _class_names(cfg, layout if d.dataset != "demo" else "demo", root, problems)
     index = _folder_index(root) if layout == "folder" else None
-    lists = {}
+    lists = {name: [] for name in SPLITS}
     for name, with_mask in (("labeled", True), ("unlabeled", False)):
+        if name not in splits: continue
         p = split_dir / f"{name}.txt"
         if name == "unlabeled" and not p.exists() and not method_has(cfg.method.name, "uses_unlabeled"):
-            lists[name] = []; continue                       # supervised-only training needs no unlabeled split
+            continue                                          # supervised-only training needs no unlabeled split
         try: lists[name] = read_samples(p, layout, root, with_mask, index)
         except DatasetError as e:
-            lists[name] = []
             if p.exists(): problems.append(str(e)); continue
             msg = (f"method.name={cfg.method.name} needs an unlabeled split: '{p}' not found" if name == "unlabeled" else str(e))
             problems.append(msg + _splits_hint(layout, root))
-    vpath = _val_path(cfg, layout, root, split_dir)
-    try:
-        if vpath is not None: lists["val"] = read_samples(vpath, layout, root, True, index)
-        else:
-            lists["val"] = _enumerate_val(layout, root)
-            if not lists["val"]: problems.append(f"no validation list: '{split_dir / 'val.txt'}' does not exist and the default "
-                                                f"{layout} val folder under '{root}' holds no images")
-    except DatasetError as e: lists["val"] = []; problems.append(str(e))
+    if "val" in splits:
+        vpath = _val_path(cfg, layout, root, split_dir)
+        try:
+            if vpath is not None: lists["val"] = read_samples(vpath, layout, root, True, index)
+            else:
+                lists["val"] = _enumerate_val(layout, root)
+                if not lists["val"]: problems.append(f"no validation list: '{split_dir / 'val.txt'}' does not exist and the "
+                                                    f"default {layout} val folder under '{root}' holds no images")
+        except DatasetError as e: lists["val"] = []; problems.append(str(e))
     return Catalog(layout, root, split_dir, lists["labeled"], lists["unlabeled"], lists["val"], class_names, problems)
 
 # %% ../nbs/01_data.ipynb #4d993d80
@@ -502,11 +516,12 @@ def _check_sample(s: Sample, C: int, ignore: int) -> list[str]:
     return out
 
 # %% ../nbs/01_data.ipynb #21754c2e
-def validate_dataset(cfg: Config, catalog: Catalog | None = None, max_workers: int = 4) -> list[str]:
-    "Check every split file and listed file of `cfg.data`; return ALL problems found (empty list = dataset is fine)."
+def validate_dataset(cfg: Config, catalog: Catalog | None = None, max_workers: int = 4, splits=SPLITS) -> list[str]:
+    """Check every split file and listed file of `cfg.data` (of `splits`, unless `catalog` is given); return ALL
+    problems found (empty list = dataset is fine)."""
     try:
         cfg = resolve_num_classes(cfg)
-        cat = catalog or dataset_catalog(cfg)
+        cat = catalog or dataset_catalog(cfg, splits)
     except DatasetError as e: return [str(e)]
     problems = list(cat.problems)
     samples = cat.labeled + cat.unlabeled + cat.val
@@ -516,21 +531,29 @@ def validate_dataset(cfg: Config, catalog: Catalog | None = None, max_workers: i
     return problems
 
 # %% ../nbs/01_data.ipynb #79cb56e3
+def format_problems(problems, what: str = "dataset", limit: int | None = None) -> str:
+    """'`what`: N problem(s):' and then one indented line per problem ('' when there are none); `limit` shows only
+    the first `limit` problems and counts the rest."""
+    lines = [" ".join(ln.strip() for ln in str(p).splitlines() if ln.strip()) for p in problems]
+    if not lines: return ""
+    if limit is not None and len(lines) > limit: lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
+    return f"{what}: {len(problems)} problem(s):\n  " + "\n  ".join(lines)
+
 def _raise_problems(problems: list, what: str):
-    if not problems: return
-    shown = problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else [])
-    raise DatasetError(f"{what}: {len(problems)} problem(s):\n  " + "\n  ".join(shown))
+    if problems: raise DatasetError(format_problems(problems, what))
 
 # %% ../nbs/01_data.ipynb #9e01a426
-def build_datasets(cfg: Config) -> dict:
-    "`{'labeled', 'unlabeled', 'val': Dataset, 'class_names': list[str]}` for `cfg.data` (validated up front if `data.validate`)."
+def build_datasets(cfg: Config, splits=SPLITS) -> dict:
+    """`{'labeled', 'unlabeled', 'val': Dataset, 'class_names': list[str]}` for `cfg.data` (validated up front if
+    `data.validate`); only the `splits` named are built: `splits=("val",)` for evaluation."""
+    splits = _check_splits(splits)
     cfg = resolve_num_classes(cfg)
-    cat = dataset_catalog(cfg)
-    _raise_problems(cat.problems, f"dataset '{cfg.data.dataset}' at '{cat.root}'")
-    if cfg.data.validate: _raise_problems(validate_dataset(cfg, cat), f"dataset '{cfg.data.dataset}' at '{cat.root}' failed validation")
-    d = cfg.data
-    return {"labeled": LabeledDataset(cat.labeled, d), "unlabeled": UnlabeledDataset(cat.unlabeled, d),
-            "val": ValDataset(cat.val, d), "class_names": cat.class_names}
+    cat = dataset_catalog(cfg, splits)
+    where = f"dataset '{cfg.data.dataset}' at '{cat.root}'"
+    _raise_problems(cat.problems, where)
+    if cfg.data.validate: _raise_problems(validate_dataset(cfg, cat), f"{where} failed validation")
+    kinds = {"labeled": LabeledDataset, "unlabeled": UnlabeledDataset, "val": ValDataset}
+    return {**{s: kinds[s](getattr(cat, s), cfg.data) for s in SPLITS if s in splits}, "class_names": cat.class_names}
 
 # %% ../nbs/01_data.ipynb #64c5b208
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
@@ -626,9 +649,63 @@ def pad_collate(items: list, ignore_index: int = 255) -> dict:
         out[k] = torch.stack([F.pad(v, (0, W - v.shape[-1], 0, H - v.shape[-2]), value=fill) for v in vals])
     return out
 
+# %% ../nbs/01_data.ipynb #612a4521
+def _check_batches(n_lab: int, n_unl: int, no_unl: bool, d: DataConfig, world_size: int = 1):
+    "Raise `DatasetError` when a train split cannot fill one batch per process (drop_last), naming the split at fault."
+    per = lambda n: math.ceil(n / world_size)             # DistributedSampler pads every rank to ceil(n / W)
+    size = lambda name, n: f"the {name} split has {n} image(s)" + (
+        f" ({per(n)} per process over {world_size} processes)" if world_size > 1 else "")
+    bl, bu = d.batch_size_labeled, d.batch_size_unlabeled
+    if no_unl:
+        if per(n_lab) < bl:
+            raise DatasetError(f"{size('labeled', n_lab)}, fewer than one batch of data.batch_size_labeled={bl}: "
+                               "add labeled images or lower data.batch_size_labeled")
+        return
+    if per(n_unl) < bu:
+        raise DatasetError(f"{size('unlabeled', n_unl)}, fewer than one batch of data.batch_size_unlabeled={bu}: "
+                           "add unlabeled images or lower data.batch_size_unlabeled")
+    if per(n_unl) < bl:
+        raise DatasetError(f"{size('unlabeled', n_unl)}, fewer than one labeled batch of data.batch_size_labeled={bl} "
+                           f"(each epoch draws as many labeled samples as there are unlabeled images): add unlabeled "
+                           "images or lower data.batch_size_labeled")
+
+# %% ../nbs/01_data.ipynb #5ac48701
+def unwrap_worker_error(e: BaseException) -> BaseException:
+    """The original one-line exception of a `DatasetError` that torch re-raised from a DataLoader worker (message
+    'Caught DatasetError in DataLoader worker process N.\\nOriginal Traceback ...'); any other exception as it is."""
+    msg = str(e)
+    if not isinstance(e, DatasetError) or "in DataLoader worker process" not in msg: return e
+    t = type(e)
+    tag = (t.__qualname__ if t.__module__ in ("__main__", "builtins") else f"{t.__module__}.{t.__qualname__}") + ": "
+    at = msg.rfind("\n" + tag)                           # the traceback's last line: '<module>.DatasetError: <message>'
+    if at < 0: return e
+    orig = " ".join(ln.strip() for ln in msg[at + 1 + len(tag):].splitlines() if ln.strip())
+    try: return t(orig)
+    except Exception: return DatasetError(orig)
+
+# %% ../nbs/01_data.ipynb #780df31c
+class _Batches:
+    "Iterator over a DataLoader's batches; a worker's `DatasetError` comes out as its one-line message."
+    def __init__(self, it): self.it = it
+    def __iter__(self): return self
+    def __len__(self): return len(self.it)
+    def __next__(self):
+        try: return next(self.it)
+        except DatasetError as e:
+            u = unwrap_worker_error(e)
+            if u is e: raise
+            raise u from None
+    def __getattr__(self, name):
+        if name == "it": raise AttributeError(name)
+        return getattr(self.it, name)
+
+class SegLoader(DataLoader):
+    "A `DataLoader` whose iterators re-raise a worker's `DatasetError` as the original one-line error."
+    def __iter__(self): return _Batches(super().__iter__())
+
 # %% ../nbs/01_data.ipynb #87f72c22
 def build_loaders(cfg: Config, datasets: dict, rank: int = 0, world_size: int = 1, seed: int | None = None) -> dict:
-    """`{'labeled', 'unlabeled', 'val': DataLoader}`; labeled resampled to the unlabeled length, seeded, DDP-aware.
+    """`{'labeled', 'unlabeled', 'val': SegLoader}`; labeled resampled to the unlabeled length, seeded, DDP-aware.
     Supervised-only configs without an unlabeled set get `'unlabeled': None` and the labeled set as it is."""
     d = cfg.data
     seed = cfg.trainer.seed if seed is None else int(seed)
@@ -636,16 +713,14 @@ def build_loaders(cfg: Config, datasets: dict, rank: int = 0, world_size: int = 
     no_unl = len(unl) == 0 and not method_has(cfg.method.name, "uses_unlabeled")   # supervised-only: epochs over the labeled set
     for name, ds_ in (("labeled", lab), ("unlabeled", unl), ("val", val)):
         if len(ds_) == 0 and not (name == "unlabeled" and no_unl): raise DatasetError(f"the {name} dataset is empty")
+    _check_batches(len(lab), len(unl), no_unl, d, world_size)
     lab_r = lab if no_unl else Resampled(lab, resample_indices(len(lab), len(unl), seed))
     nw = d.num_workers
     common = dict(num_workers=nw, pin_memory=torch.cuda.is_available(), worker_init_fn=seed_worker,
                   persistent_workers=nw > 0)
     def loader(ds_, sampler, bs, drop_last, stream, collate=None):
-        if drop_last and len(sampler) < bs:
-            raise DatasetError(f"the {('labeled', 'unlabeled', 'val')[stream]} split gives {len(sampler)} samples per process, "
-                               f"fewer than one batch of {bs} (drop_last): add images or lower the batch size")
-        return DataLoader(ds_, batch_size=bs, sampler=sampler, drop_last=drop_last, collate_fn=collate,
-                          generator=torch.Generator().manual_seed(mix_seed(seed, stream, rank)), **common)
+        return SegLoader(ds_, batch_size=bs, sampler=sampler, drop_last=drop_last, collate_fn=collate,
+                         generator=torch.Generator().manual_seed(mix_seed(seed, stream, rank)), **common)
     return {
         "labeled": loader(lab_r, SeededSampler(lab_r, seed, True, rank, world_size, stream=0), d.batch_size_labeled, True, 0),
         "unlabeled": None if no_unl else loader(unl, SeededSampler(unl, seed, True, rank, world_size, stream=1), d.batch_size_unlabeled, True, 1),
@@ -655,14 +730,14 @@ def build_loaders(cfg: Config, datasets: dict, rank: int = 0, world_size: int = 
 
 # %% ../nbs/01_data.ipynb #e48cecd2
 def loader_pass(loader: DataLoader, epoch_id: int, skip: int):
-    "Iterator over `loader` for sampler epoch `epoch_id`, starting after `skip` batches."
+    "Iterator over `loader` for sampler epoch `epoch_id`, starting after `skip` batches (worker errors stay one line)."
     smp = loader.sampler
     if hasattr(smp, "set_epoch"): smp.set_epoch(epoch_id)
-    if skip <= 0: return iter(loader)
+    if skip <= 0: return _Batches(iter(loader)) if not isinstance(loader, SegLoader) else iter(loader)
     rest = list(iter(smp))[skip * loader.batch_size:]
-    return iter(DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=rest, drop_last=loader.drop_last,
-                           collate_fn=loader.collate_fn, num_workers=loader.num_workers, pin_memory=loader.pin_memory,
-                           worker_init_fn=loader.worker_init_fn, generator=loader.generator))
+    return iter(SegLoader(loader.dataset, batch_size=loader.batch_size, sampler=rest, drop_last=loader.drop_last,
+                          collate_fn=loader.collate_fn, num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+                          worker_init_fn=loader.worker_init_fn, generator=loader.generator))
 
 # %% ../nbs/01_data.ipynb #637a624d
 def cutmix_masks(batch_size: int, H: int, W: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:

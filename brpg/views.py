@@ -901,7 +901,7 @@ def features_from_checkpoint(path_or_ckpt, n_images: int = 4, max_points: int = 
     cfg = config_from_dict(ck["config"], source=f"{where}['config']")
     if which == "teacher" and ck.get("teacher") is None: raise KeyError(f"{where}: has no teacher weights")
     model = model_from_checkpoint({"_path": where, **ck}, cfg, device, which)
-    ds = build_datasets(cfg); val = ds["val"]
+    ds = build_datasets(cfg, splits=("val",)); val = ds["val"]
     f, y, c = [], [], []
     with torch.no_grad():
         for i in range(min(n_images, len(val))):
