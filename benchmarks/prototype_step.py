@@ -24,6 +24,24 @@ Command lines (from the repository root, venv active):
     # quick smoke run
     python benchmarks/prototype_step.py --device cpu --scale voc --repeats 2 --skip-model --queue-len 2000
 
+`old` (today's chain: labeled_grid + unlabeled_pick + prototype_loss + ema_update(sims=...)) and `new`
+(`brpg.losses.prototype_step` + ema_update on its rows, what the trainer calls) run interleaved in one process;
+forward, EMA and backward are each timed directly. Peak extra memory: a fresh subprocess per variant, the
+kernel's RSS high-water mark (VmHWM, reset through /proc/self/clear_refs) over one step minus RSS before it
+(includes the kept rep.grad, 130 MiB). The last line compares both on the same picks (sync-free rule).
+
+    OMP_NUM_THREADS=2 python benchmarks/prototype_step.py --device cpu --scale both --repeats 7 --skip-init --skip-model
+
+Measured with that command (shared, loaded 2-core machine, torch 2.14.1):
+
+    VOC  old: fwd 83.9, EMA 10.7, bwd 322.3, step 423.3 ms, peak extra 399 MiB
+         new: fwd 81.0, EMA  8.5, bwd 131.3, step 221.3 ms, peak extra 224 MiB  -> new/old 0.52
+    COCO old: fwd 140.9, EMA 25.2, bwd 353.3, step 528.7 ms, peak extra 408 MiB
+         new: fwd 112.9, EMA 17.1, bwd 185.4, step 317.8 ms, peak extra 233 MiB -> new/old 0.60
+    same picks: |d loss| 0, |d grad| <= 3.6e-12 (grad scale 6.5e-05), |d EMA'd protos| 0
+
+Earlier numbers (before `prototype_step`; the old breakdown derived backward by subtraction):
+
 Measured 2026-11-25 16:35 UTC with the CPU command above on an otherwise idle 2-core machine (torch 2.14.1,
 1 thread; no GPU was available), after the single-gather change to the sampling ops:
 
@@ -43,7 +61,7 @@ index/slice backward allocates for the [8, 256, 129, 129] rep map (memory bound;
 --crop by pixel count (`ratio_extrapolated`), and the script says so.
 """
 from __future__ import annotations
-import argparse, statistics, sys, time
+import argparse, copy, gc, json, os, resource, statistics, subprocess, sys, time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
@@ -52,7 +70,7 @@ import torch.nn.functional as F
 
 from brpg.config import MethodConfig, ModelConfig
 from brpg.prototypes import PrototypeBank
-from brpg.losses import prototype_loss
+from brpg.losses import prototype_loss, prototype_step
 from brpg.sampling import labeled_grid, unlabeled_pick
 
 SCALES = {"voc": 21, "coco": 81}
@@ -85,45 +103,112 @@ def _bank(C, D, cfg, dev, g):
     return bank
 
 
-def bench_proto_step(C, args, dev):
+def _inputs(C, args, dev, crop=None):
     cfg = MethodConfig()
     g = torch.Generator().manual_seed(0)
-    B, D, H = args.batch, args.dim, args.crop
+    B, D, H = args.batch, args.dim, crop or args.crop
     h = (H - 1) // 4 + 1
     bank = _bank(C, D, cfg, dev, g)
     rep = torch.randn(2 * B, D, h, h, generator=g).to(dev).requires_grad_()
     gt = torch.randint(0, C, (B, H, H), generator=g); gt[:, :20] = 255
-    conf = torch.rand(B, H, H, generator=g) * 0.4 + 0.6                     # ~60% of pixels >= 0.8
+    conf = torch.rand(B, H, H, generator=g) * 0.4 + 0.6                     # ~50% of pixels >= 0.8
     pseudo = torch.randint(0, C, (B, H, H), generator=g)
-    gt, conf, pseudo = gt.to(dev), conf.to(dev), pseudo.to(dev)
+    grid_num = cfg.grid_num if crop is None else (H - 1) // 4
+    return cfg, bank, rep, gt.to(dev), conf.to(dev), pseudo.to(dev), grid_num
+
+
+def old(rep, B, gt, conf, pseudo, bank, cfg, grid_num, gen=None):
+    "Today's chain (`BRPG.prototype_terms` before `prototype_step`): forward; returns (loss, ema thunk)."
+    fl, yl = labeled_grid(rep[:B], gt, grid_num)
+    fu, yu = unlabeled_pick(rep[B:], conf, pseudo, cfg.pseudo_threshold, B * cfg.unsup_sample_num, generator=gen)
+    loss, st = prototype_loss(bank, fl.float(), yl, fu.float(), yu, cfg.temperature)
+    ema = lambda: bank.ema_update(torch.cat([fl, fu]).float(), torch.cat([yl, yu]), decay=cfg.prototype_ema_decay,
+                                  sync=False, fault_weight=cfg.fault_weight, sims=st["sims"])
+    return loss, ema
+
+
+def new(rep, B, gt, conf, pseudo, bank, cfg, grid_num, gen=None, sync_free=None):
+    "`prototype_step` (what the trainer calls) + the EMA on its rows and similarities."
+    loss, st = prototype_step(rep, B, gt, conf, pseudo, bank, cfg.pseudo_threshold, grid_num,
+                              B * cfg.unsup_sample_num, cfg.temperature, 255, generator=gen, sync_free=sync_free)
+    ema = lambda: bank.ema_update(st["feats"], st["labels"], decay=cfg.prototype_ema_decay, sync=False,
+                                  fault_weight=cfg.fault_weight, sims=st["sims"])
+    return loss, ema
+
+
+VARIANTS = {"old": old, "new": new}
+
+
+def _step(fn, rep, B, gt, conf, pseudo, bank, cfg, grid_num, gen, dev, amp):
+    "One full step, each phase timed on its own: forward (sampling + L_pro), EMA, backward."
+    rep.grad = None
+    _sync(dev); t0 = time.perf_counter()
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+        loss, ema = fn(rep, B, gt, conf, pseudo, bank, cfg, grid_num, gen)
+    _sync(dev); t1 = time.perf_counter()
+    ema()
+    _sync(dev); t2 = time.perf_counter()
+    loss.backward()
+    _sync(dev); t3 = time.perf_counter()
+    return {"forward": t1 - t0, "EMA": t2 - t1, "backward": t3 - t2, "step": t3 - t0}
+
+
+def bench_proto_step(C, args, dev):
+    "Median phase times of `old` and `new`, interleaved in one run, and the largest differences at this scale."
+    cfg, bank, rep, gt, conf, pseudo, grid_num = _inputs(C, args, dev)
+    B = args.batch
     gen = torch.Generator(device=dev).manual_seed(0)
-    out = {}
+    times = {k: [] for k in VARIANTS}
+    for i in range(args.repeats + 1):                                      # first round = warm-up
+        for name, fn in VARIANTS.items():
+            t = _step(fn, rep, B, gt, conf, pseudo, bank, cfg, grid_num, gen, dev, args.amp)
+            if i: times[name].append(t)
+    med = {k: {p: statistics.median(t[p] for t in ts) for p in ts[0]} for k, ts in times.items()}
+    # equivalence at this scale: the same picks (keys + topk from the same seed) on two copies of the bank
+    res = {}
+    for name, kw in (("old", {}), ("new", {"sync_free": True})):
+        b = copy.deepcopy(bank); rep.grad = None
+        loss, ema = VARIANTS[name](rep, B, gt, conf, pseudo, b, cfg, grid_num, torch.Generator(device=dev).manual_seed(7), **kw)
+        ema(); loss.backward()
+        res[name] = (loss.detach(), rep.grad.clone(), b.protos.clone())
+    diff = {k: float((res["new"][i] - res["old"][i]).abs().max()) for i, k in enumerate(("loss", "grad", "protos"))}
+    diff["grad_scale"] = float(res["old"][1].abs().max())
+    return med, diff, int(bank.num_prototypes)
 
-    def step():
-        rep.grad = None
-        fl, yl = labeled_grid(rep[:B], gt, cfg.grid_num)
-        fu, yu = unlabeled_pick(rep[B:], conf, pseudo, cfg.pseudo_threshold, B * cfg.unsup_sample_num, generator=gen)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.amp):
-            loss, stats = prototype_loss(bank, fl, yl, fu, yu, cfg.temperature)
-        bank.ema_update(torch.cat([fl, fu]), torch.cat([yl, yu]), decay=cfg.prototype_ema_decay, sync=False,
-                        fault_weight=cfg.fault_weight)
-        loss.backward()
-        out.update(n_l=fl.shape[0], n_u=fu.shape[0], loss=loss)
 
-    med, ts = _median_time(step, args.repeats, dev)
-    # breakdown (forward pieces timed alone; backward = full step - the pieces)
-    parts = {}
-    with torch.no_grad():
-        parts["sampling fwd (grid + pick)"] = _median_time(lambda: (labeled_grid(rep[:B], gt, cfg.grid_num), unlabeled_pick(
-            rep[B:], conf, pseudo, cfg.pseudo_threshold, B * cfg.unsup_sample_num, generator=gen)), args.repeats, dev)[0]
-        fl, yl = labeled_grid(rep[:B], gt, cfg.grid_num)
-        fu, yu = unlabeled_pick(rep[B:], conf, pseudo, cfg.pseudo_threshold, B * cfg.unsup_sample_num, generator=gen)
-        parts["L_pro fwd"] = _median_time(lambda: prototype_loss(bank, fl, yl, fu, yu, cfg.temperature), args.repeats, dev)[0]
-        f, y = torch.cat([fl, fu]), torch.cat([yl, yu])
-        parts["EMA"] = _median_time(lambda: bank.ema_update(f, y, sync=False), args.repeats, dev)[0]
-    parts["backward (rest)"] = med - sum(parts.values())
-    out["parts"] = parts
-    return med, ts, out, int(bank.num_prototypes)
+def _status_kib(key):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(key + ":"))
+
+
+def mem_probe(name, scale, args):
+    """In a fresh process: peak RSS growth (MiB) of one step of `name` (after a warm-up step on a tiny crop):
+    the kernel's high-water mark VmHWM, reset just before the step (`5 > /proc/self/clear_refs`), minus VmRSS then.
+    Counts every touched page of the step (torch's CPU allocations are invisible to tracemalloc), rep.grad included."""
+    dev = torch.device(args.device)
+    C = SCALES[scale]
+    small = _inputs(C, args, dev, crop=33)
+    _step(VARIANTS[name], small[2], args.batch, *small[3:6], small[1], small[0], small[6], None, dev, args.amp)
+    cfg, bank, rep, gt, conf, pseudo, grid_num = _inputs(C, args, dev)
+    del small; gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f: f.write("5")
+        reset = True
+    except OSError:
+        reset = False
+    base = _status_kib("VmRSS")
+    _step(VARIANTS[name], rep, args.batch, gt, conf, pseudo, bank, cfg, grid_num, None, dev, args.amp)
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"extra_mib": (peak - base) / 1024, "censored": not reset,
+                      "grad_mib": rep.grad.numel() * rep.grad.element_size() / 2**20}))
+
+
+def peak_extra(name, scale, args):
+    cmd = [sys.executable, __file__, "--mem-probe", name, "--scale", scale, "--device", args.device,
+           "--batch", str(args.batch), "--crop", str(args.crop), "--dim", str(args.dim)]
+    if args.amp: cmd.append("--amp")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def bench_init(C, args, dev):
@@ -185,22 +270,35 @@ def main(argv=None):
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for cuda)")
     p.add_argument("--skip-model", action="store_true", help="skip the R101 step")
     p.add_argument("--skip-init", action="store_true", help="skip the clustering")
+    p.add_argument("--skip-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--mem-probe", choices=tuple(VARIANTS), help=argparse.SUPPRESS)   # internal: one memory probe
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available(): raise SystemExit("--device cuda: no CUDA device")
     args.model_crop = args.model_crop or args.crop
     args.model_repeats = args.model_repeats or args.repeats
     if args.amp is None: args.amp = args.device == "cuda"
     dev = torch.device(args.device)
+    if args.mem_probe: return mem_probe(args.mem_probe, args.scale, args)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; amp(bf16)={args.amp}; batch {args.batch}+{args.batch}; "
           f"crop {args.crop} (map {(args.crop - 1) // 4 + 1}); dim {args.dim}")
     for scale in (("voc", "coco") if args.scale == "both" else (args.scale,)):
         C = SCALES[scale]
         print(f"\n== {scale.upper()} scale: C={C}")
-        med, ts, out, P = bench_proto_step(C, args, dev)
-        print(f"prototype step: median {med * 1e3:.1f} ms over {len(ts)} (min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f}); "
-              f"{P} prototypes, N_l={out['n_l']}, N_u={out['n_u']}")
-        print("  breakdown: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in out["parts"].items()))
+        med, diff, P = bench_proto_step(C, args, dev)
+        mem = {k: peak_extra(k, scale, args) for k in VARIANTS} if dev.type == "cpu" and not args.skip_memory else {}
+        print(f"{P} prototypes; medians over {args.repeats} interleaved steps (ms)")
+        print(f"  {'':4s} {'forward':>8s} {'EMA':>7s} {'backward':>9s} {'step':>7s} {'peak extra MiB':>15s}")
+        for k in VARIANTS:
+            m = med[k]
+            mm = f"{mem[k]['extra_mib']:.0f}{' (censored)' if mem[k]['censored'] else ''}" if k in mem else "-"
+            print(f"  {k:4s} {m['forward'] * 1e3:8.1f} {m['EMA'] * 1e3:7.1f} {m['backward'] * 1e3:9.1f} "
+                  f"{m['step'] * 1e3:7.1f} {mm:>15s}")
+        r = {p: med["new"][p] / med["old"][p] for p in med["new"]}
+        print(f"  new/old: step {r['step']:.3f} (forward {r['forward']:.2f}, EMA {r['EMA']:.2f}, backward {r['backward']:.2f})")
+        if mem: print(f"  (peak extra includes rep.grad itself, {mem['new']['grad_mib']:.0f} MiB)")
+        print(f"  same picks, max |new - old|: loss {diff['loss']:.2e}, d loss/d rep {diff['grad']:.2e} "
+              f"(max |grad| {diff['grad_scale']:.2e}), EMA'd prototypes {diff['protos']:.2e}")
         if not args.skip_init:
             mi, ti, Pi = bench_init(C, args, dev)
             print(f"initial clustering (APO + batched_kmeans of {2 * C} queues of {args.queue_len}x{args.dim}, k=2/3): "
@@ -208,11 +306,12 @@ def main(argv=None):
         if not args.skip_model:
             mm, tm, what = bench_model(C, args, dev)
             print(f"model step ({what}, {2 * args.batch} images at {args.model_crop}): median {mm * 1e3:.0f} ms over {len(tm)}")
-            print(f"ratio prototype step / model step: {med / mm:.4f} ({100 * med / mm:.2f}%)")
+            ms = med["new"]["step"]
+            print(f"ratio prototype step (new) / model step: {ms / mm:.4f} ({100 * ms / mm:.2f}%)")
             if args.model_crop != args.crop:
                 mx = mm * (args.crop / args.model_crop) ** 2
                 print(f"ratio_extrapolated (model time scaled by pixels to crop {args.crop}: {mx * 1e3:.0f} ms): "
-                      f"{med / mx:.4f} ({100 * med / mx:.2f}%)")
+                      f"{ms / mx:.4f} ({100 * ms / mx:.2f}%)")
 
 
 if __name__ == "__main__":

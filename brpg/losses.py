@@ -7,9 +7,11 @@ from __future__ import annotations
 import torch, torch.nn.functional as F
 from .config import MethodConfig
 from .prototypes import PrototypeBank
+from .sampling import pick_confident, grid_points, pixel_points, gather_points
 
 # %% auto #0
-__all__ = ['ohem_ce', 'cross_entropy', 'supervised_loss', 'drop_percent_at', 'entropy_map', 'u2pl_unsup_loss', 'prototype_loss']
+__all__ = ['ohem_ce', 'cross_entropy', 'supervised_loss', 'drop_percent_at', 'entropy_map', 'u2pl_unsup_loss', 'prototype_loss',
+           'prototype_step']
 
 # %% ../nbs/07_losses.ipynb #fc0861a9
 def _masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -131,3 +133,55 @@ def prototype_loss(bank: PrototypeBank, feats_l: torch.Tensor, labels_l: torch.T
              "proto_acc": (c_l + c_u) / n,
              "sims": torch.cat([s_l, s_u])}   # detached [N_l+N_u, C, S]: pass to `bank.ema_update(sims=...)`
     return loss_l + loss_u, stats
+
+# %% ../nbs/07_losses.ipynb #2a357cac
+def _joint_proto_terms(bank: PrototypeBank, feats: torch.Tensor, labels: torch.Tensor, n_l: int, temperature: float,
+                       ignore_index: int):
+    "`prototype_loss` on `feats[:n_l]` (labeled) and `feats[n_l:]` (unlabeled) with one matmul; returns (loss, stats)."
+    C, S, D = bank.protos.shape
+    labels = labels.reshape(-1).long()
+    inr = (labels >= 0) & (labels < C) & (labels != ignore_index)
+    safe = torch.where(inr, labels, torch.zeros_like(labels))
+    keep = inr & bank.class_valid[safe]
+    with torch.autocast(feats.device.type, enabled=False):
+        f = F.normalize(feats.float(), dim=1, eps=1e-8)
+        p = F.normalize(bank.protos.float(), dim=-1, eps=1e-8).reshape(C * S, D)
+        sims = (f @ p.t()).view(-1, C, S)
+        sims.masked_fill_(~bank.valid, float("-inf"))       # once, in place (mm does not need its output)
+    logits = (sims.max(dim=-1).values / temperature).float()
+    logp = F.log_softmax(logits, dim=1)
+    nll = -logp.gather(1, safe[:, None]).squeeze(1)
+    loss_l, loss_u = _masked_mean(nll[:n_l], keep[:n_l]), _masked_mean(nll[n_l:], keep[n_l:])
+    with torch.no_grad():
+        correct = (logits.argmax(1) == safe) & keep
+        n_lab, n_unl = keep[:n_l].sum(), keep[n_l:].sum()
+        c_l, c_u = correct[:n_l].sum(), correct[n_l:].sum()
+    stats = {"loss_pro_l": loss_l.detach(), "loss_pro_u": loss_u.detach(), "n_labeled": n_lab, "n_unlabeled": n_unl,
+             "proto_acc_l": c_l / n_lab.clamp_min(1), "proto_acc_u": c_u / n_unl.clamp_min(1),
+             "proto_acc": (c_l + c_u) / (n_lab + n_unl).clamp_min(1), "sims": sims.detach()}
+    return loss_l + loss_u, stats
+
+# %% ../nbs/07_losses.ipynb #2bbd1c93
+def prototype_step(rep: torch.Tensor, B_l: int, y_l: torch.Tensor, conf_u: torch.Tensor, yhat_u: torch.Tensor,
+                   bank: PrototypeBank, thr: float, grid_num: int, max_unlabeled: int, temperature: float = 0.1,
+                   ignore_index: int = 255, generator: torch.Generator | None = None, sync_free: bool | None = None):
+    """L_pro of one step from the whole map `rep[B_l+B_u, D, h, w]`: labeled grid of `y_l[B_l,H,W]` + <= `max_unlabeled`
+    pixels with `conf_u >= thr` (labels `yhat_u`, `[B_u,H',W']`), one gather, one matmul. Returns `(loss, stats)`;
+    `stats` has `prototype_loss`'s keys plus `feats`, `labels` (for `bank.ema_update(..., sims=stats["sims"])`) and `pixels_u`."""
+    if rep.dim() != 4: raise ValueError(f"prototype_step: rep must be [B,D,h,w], got {tuple(rep.shape)}")
+    B, D, h, w = rep.shape
+    B_l = int(B_l); B_u = B - B_l
+    if y_l.ndim != 3 or y_l.shape[0] != B_l:
+        raise ValueError(f"prototype_step: y_l must be [B_l={B_l},H,W], got {tuple(y_l.shape)}")
+    if conf_u.shape != yhat_u.shape or conf_u.ndim != 3 or conf_u.shape[0] != B_u:
+        raise ValueError(f"prototype_step: conf_u and yhat_u must be [B_u={B_u},H,W], got {tuple(conf_u.shape)} and {tuple(yhat_u.shape)}")
+    grid, lab_l = grid_points(y_l, h, w, grid_num, device=rep.device)
+    sel, valid = pick_confident(conf_u >= thr, max_unlabeled, generator, sync_free)
+    lab_u = yhat_u.flatten()[sel]
+    lab_u = torch.where(valid, lab_u, torch.full_like(lab_u, ignore_index))   # sync-free rule: surplus rows ignored
+    picks = pixel_points(sel, conf_u.shape[-2], conf_u.shape[-1], h, w, b0=B_l, device=rep.device)
+    feats = gather_points(rep, [grid, picks])
+    labels = torch.cat([lab_l.reshape(-1).long().to(rep.device), lab_u.long().to(rep.device)])
+    loss, stats = _joint_proto_terms(bank, feats, labels, lab_l.numel(), temperature, ignore_index)
+    stats.update(feats=feats.detach(), labels=labels, pixels_u=sel)
+    return loss, stats

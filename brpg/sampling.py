@@ -11,7 +11,8 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['ClassQueues', 'downsample_labels', 'labeled_candidates', 'unlabeled_candidates', 'random_subset', 'queue_candidates',
-           'all_gather_rows', 'grid_positions', 'labeled_grid', 'unlabeled_pick', 'loss_threshold']
+           'all_gather_rows', 'grid_positions', 'labeled_grid', 'sample_distinct', 'pick_confident', 'unlabeled_pick',
+           'PointGroup', 'grid_points', 'pixel_points', 'gather_points', 'loss_threshold']
 
 # %% ../nbs/04_sampling.ipynb #ada3e049
 class ClassQueues:
@@ -297,6 +298,46 @@ def labeled_grid(rep: torch.Tensor, gt: torch.Tensor, grid_num: int = 32):
         feats = _bilinear_points(rep, b, ys, xs)
     return feats, labels
 
+# %% ../nbs/04_sampling.ipynb #15e20e18
+def sample_distinct(m: int, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    "`min(n, m)` distinct integers of `[0, m)`, a uniform random subset (unordered); `O(n log n)` when `n << m`."
+    dev = generator.device if generator is not None else torch.device(device if device is not None else "cpu")
+    if n >= m: return torch.arange(m, device=dev)
+    if n <= 0: return torch.zeros(0, dtype=torch.long, device=dev)
+    if 4 * n > m: return torch.randperm(m, generator=generator, device=dev)[:n]
+    draws = torch.zeros(0, dtype=torch.long, device=dev)
+    while True:   # expected duplicates among k draws ~ k^2/2m, so this loops again only rarely
+        k = n + 2 * (n * n // m) + 32
+        draws = torch.cat([draws, torch.randint(m, (k,), generator=generator, device=dev)])
+        s, order = draws.sort(stable=True)
+        first = torch.ones_like(s, dtype=torch.bool); first[1:] = s[1:] != s[:-1]
+        pos = order[first]                       # index of the first draw of every distinct value
+        if pos.numel() >= n: return draws[pos.sort().values[:n]]
+
+# %% ../nbs/04_sampling.ipynb #3114e611
+def pick_confident(ok: torch.Tensor, n: int, generator: torch.Generator | None = None,
+                   sync_free: bool | None = None):
+    """Up to `n` positions of the true entries of the bool mask `ok` (flattened), uniformly without replacement,
+    ascending: `(sel long[K], valid bool[K])`. `sync_free` (default: off on the CPU, on elsewhere): keys + `topk`,
+    K = min(n, ok.numel()), `valid` marks the confident rows; otherwise `nonzero` + `sample_distinct`,
+    K = min(n, #confident), all valid."""
+    ok = ok.reshape(-1)
+    n = min(int(n), ok.numel())
+    if sync_free is None: sync_free = ok.device.type != "cpu"
+    if n <= 0:
+        e = torch.zeros(0, dtype=torch.long, device=ok.device)
+        return e, torch.zeros(0, dtype=torch.bool, device=ok.device)
+    if sync_free:
+        dev = generator.device if generator is not None else ok.device
+        keys = torch.rand(ok.numel(), generator=generator, device=dev).to(ok.device)
+        keys = torch.where(ok, keys, torch.full_like(keys, 2.0))
+        sel = torch.topk(keys, n, largest=False, sorted=False).indices.sort().values
+        return sel, ok[sel]
+    idx = ok.nonzero().squeeze(1)
+    if idx.numel() > n:
+        idx = idx[sample_distinct(idx.numel(), n, generator, ok.device).to(ok.device).sort().values]
+    return idx, torch.ones_like(idx, dtype=torch.bool)
+
 # %% ../nbs/04_sampling.ipynb #fcfa16df
 def unlabeled_pick(rep: torch.Tensor, conf: torch.Tensor, labels: torch.Tensor, thr: float, max_n: int,
                    generator: torch.Generator | None = None, ignore_index: int = 255, compact: bool = False):
@@ -311,12 +352,7 @@ def unlabeled_pick(rep: torch.Tensor, conf: torch.Tensor, labels: torch.Tensor, 
     n = min(int(max_n), B * H * W)
     if n <= 0:
         return rep.new_zeros(0, D), labels.new_zeros(0)
-    dev = generator.device if generator is not None else conf.device
-    keys = torch.rand(B * H * W, generator=generator, device=dev).to(conf.device)
-    ok = (conf >= thr).flatten()
-    keys = torch.where(ok, keys, torch.full_like(keys, 2.0))
-    sel = torch.topk(keys, n, largest=False, sorted=False).indices.sort().values
-    valid = ok[sel]
+    sel, valid = pick_confident(conf >= thr, n, generator, sync_free=True)   # keys + topk (the fixed-length rule)
     lab = torch.where(valid, labels.flatten()[sel], torch.full_like(sel, ignore_index).to(labels.dtype))
     b, rem = sel // (H * W), sel % (H * W)
     y, x = rem // W, rem % W
@@ -325,6 +361,123 @@ def unlabeled_pick(rep: torch.Tensor, conf: torch.Tensor, labels: torch.Tensor, 
     if compact:
         feats, lab = feats[valid.to(rep.device)], lab[valid]
     return feats, lab
+
+# %% ../nbs/04_sampling.ipynb #60311add
+from typing import NamedTuple
+
+class PointGroup(NamedTuple):
+    "Points of a stride-4 map: image `b[N]`, flat pixels `pix[K,N]` (K=1 exact, K=4 corners y0x0,y0x1,y1x0,y1x1), weights `wy`/`wx` `[N]` (K=4)."
+    b: torch.Tensor
+    pix: torch.Tensor
+    wy: torch.Tensor | None = None
+    wx: torch.Tensor | None = None
+
+def _corner_points(b, ys, xs, h: int, w: int) -> PointGroup:
+    "Bilinear corners of float stride-4 coordinates, as `_bilinear_points` computes them."
+    y0 = ys.floor().long().clamp(0, h - 1); x0 = xs.floor().long().clamp(0, w - 1)
+    y1 = (y0 + 1).clamp(max=h - 1); x1 = (x0 + 1).clamp(max=w - 1)
+    pix = torch.stack([y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1])
+    return PointGroup(b, pix, ys.float() - y0, xs.float() - x0)
+
+# %% ../nbs/04_sampling.ipynb #7818d276
+def grid_points(gt: torch.Tensor, h: int, w: int, grid_num: int = 32, b0: int = 0, device=None):
+    "The labeled grid of `labeled_grid` as a `PointGroup` on images `b0..b0+B-1` (exact when it lands on the map), and its labels."
+    if gt.ndim != 3: raise ValueError(f"grid_points: gt must be [B,H,W], got {tuple(gt.shape)}")
+    B, (H, W) = gt.shape[0], gt.shape[-2:]
+    dev = torch.device(device) if device is not None else gt.device
+    py, sy = grid_positions(H, h, grid_num); px, sx = grid_positions(W, w, grid_num)
+    labels = gt[:, py.to(gt.device)][:, :, px.to(gt.device)].reshape(-1)
+    G1, G2 = len(py), len(px)
+    b = torch.arange(b0, b0 + B, device=dev).repeat_interleave(G1 * G2)
+    if bool((sy == sy.round()).all() and (sx == sx.round()).all()):
+        iy, ix = sy.round().long().to(dev), sx.round().long().to(dev)
+        return PointGroup(b, (iy[:, None] * w + ix[None, :]).reshape(1, -1).repeat(1, B)), labels
+    ys = sy.to(dev).repeat_interleave(G2).repeat(B); xs = sx.to(dev).repeat(G1 * B)
+    return _corner_points(b, ys, xs, h, w), labels
+
+def pixel_points(sel: torch.Tensor, H: int, W: int, h: int, w: int, b0: int = 0, device=None) -> PointGroup:
+    "Full-resolution flat pixels `sel` of `[B,H,W]` maps as bilinear points (align_corners=True) of images `b0 + sel // (H*W)`."
+    dev = torch.device(device) if device is not None else sel.device
+    b, rem = sel // (H * W), sel % (H * W)
+    y, x = rem // W, rem % W
+    ys, xs = _src_coord(y, H, h).to(dev), _src_coord(x, W, w).to(dev)
+    return _corner_points(b.to(dev) + b0, ys, xs, h, w)
+
+# %% ../nbs/04_sampling.ipynb #275bffad
+def _image_runs(b: torch.Tensor):
+    "`(image, start, stop)` of the runs of equal values of `b` (host read)."
+    if b.numel() == 0: return []
+    vals, counts = torch.unique_consecutive(b, return_counts=True)
+    out, s = [], 0
+    for v, c in zip(vals.tolist(), counts.tolist()): out.append((v, s, s + c)); s += c
+    return out
+
+def _read(src, rows: bool, b, pix, runs, hw):
+    "Values `[D, N]` of the map at images `b`, pixels `pix` (rep dtype)."
+    if rows: return src[b * hw + pix].t()
+    if runs is None: return src.transpose(0, 1)[:, b, pix]
+    D = src.shape[1]
+    if not runs: return src.new_zeros(D, 0)
+    return torch.cat([torch.gather(src[i], 1, pix[s:e].expand(D, e - s)) for i, s, e in runs], 1)
+
+def _add(dst, rows: bool, b, pix, runs, hw, val):
+    "`dst[b, :, pix] += val[D, N]` (accumulating, points in order)."
+    if rows: dst.index_add_(0, b * hw + pix, val.t())
+    elif runs is None: torch.ops.aten.index_put_(dst.transpose(0, 1), [None, b, pix], val, True)
+    else:
+        D = dst.shape[1]
+        for i, s, e in runs: dst[i].scatter_add_(1, pix[s:e].expand(D, e - s), val[:, s:e])
+
+class _PointGather(torch.autograd.Function):
+    "Features `[sum N, D]` (float32) of `PointGroup`s read from the whole map; backward: one dense gradient."
+    @staticmethod
+    def forward(ctx, rep, groups, per_image):
+        B, D, h, w = rep.shape
+        hw = h * w
+        rows = not rep.is_contiguous() and rep.is_contiguous(memory_format=torch.channels_last)
+        src = rep.permute(0, 2, 3, 1).reshape(B * hw, D) if rows else rep.view(B, D, hw)   # both views
+        runs = [_image_runs(g.b) if per_image and not rows else None for g in groups]
+        outs = []
+        for g, r in zip(groups, runs):
+            v = [_read(src, rows, g.b, p, r, hw).float() for p in g.pix]
+            if len(v) == 1: outs.append(v[0])
+            else:   # the arithmetic of `_bilinear_points`, on [D, N]
+                wy, wx = g.wy[None], g.wx[None]
+                o = (1 - wy) * ((1 - wx) * v[0] + wx * v[1]) + wy * ((1 - wx) * v[2] + wx * v[3])
+                outs.append(o.to(rep.dtype).float())
+        ctx.groups, ctx.runs, ctx.rows = groups, runs, rows
+        ctx.meta = (rep.shape, rep.dtype, rep.device)
+        if not outs: return torch.zeros(0, D, device=rep.device)
+        return torch.cat(outs, 1).t().contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]: return None, None, None
+        (B, D, h, w), dtype, dev = ctx.meta
+        hw = h * w
+        mf = torch.channels_last if ctx.rows else torch.contiguous_format
+        out = torch.empty(B, D, h, w, dtype=dtype, device=dev, memory_format=mf).zero_()   # the one dense buffer
+        dst = out.permute(0, 2, 3, 1).reshape(B * hw, D) if ctx.rows else out.view(B, D, hw)
+        gT = grad.to(dtype).float().t().contiguous()          # [D, N]; through rep.dtype as the chain rounds
+        s = 0
+        for g, r in zip(ctx.groups, ctx.runs):
+            n = g.b.numel(); gs = gT[:, s:s + n]; s += n
+            if g.pix.shape[0] == 1: parts = [gs]
+            else:
+                wy, wx = g.wy[None], g.wx[None]
+                g0, g1 = gs * (1 - wy), gs * wy
+                parts = [g0 * (1 - wx), g0 * wx, g1 * (1 - wx), g1 * wx]
+            for p, val in zip(g.pix, parts): _add(dst, ctx.rows, g.b, p, r, hw, val.to(dtype))
+        return out, None, None
+
+def gather_points(rep: torch.Tensor, groups, per_image: bool | None = None) -> torch.Tensor:
+    """Float32 features `[sum N, D]` of `rep[B,D,h,w]` at the points of `groups` (in order): exact reads or the
+    bilinear values of `_bilinear_points`. One autograd node; its backward fills one gradient of `rep`'s shape.
+    `per_image` (default: on the CPU): per-image plane gathers (host reads the image runs); else sync-free indexing."""
+    if rep.dim() != 4: raise ValueError(f"gather_points: rep must be [B,D,h,w], got {tuple(rep.shape)}")
+    if not (rep.is_contiguous() or rep.is_contiguous(memory_format=torch.channels_last)): rep = rep.contiguous()
+    if per_image is None: per_image = rep.device.type == "cpu"
+    return _PointGather.apply(rep, list(groups), bool(per_image))
 
 # %% ../nbs/04_sampling.ipynb #c82ea703
 def loss_threshold(it: int, iters_per_epoch: int, epochs: int, start: float = 0.8, end: float = 0.95,
