@@ -4,12 +4,13 @@
 
 # %% ../nbs/10_cli.ipynb #d20e7031
 from __future__ import annotations
-import argparse, dataclasses, json, math, os, sys, time
+import argparse, dataclasses, functools, json, math, os, sys, time
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['PROG', 'IMAGE_EXTS', 'CLIError', 'cmd_train', 'format_metrics', 'evaluate_checkpoint', 'cmd_eval', 'collect_images',
-           'predict_images', 'cmd_predict', 'cmd_splits', 'cmd_config', 'cmd_demo', 'build_parser', 'main']
+__all__ = ['PROG', 'IMAGE_EXTS', 'SIGNAL_EXIT', 'CLIError', 'cmd_train', 'format_metrics', 'evaluate_checkpoint', 'cmd_eval',
+           'collect_images', 'output_names', 'predict_images', 'cmd_predict', 'cmd_splits', 'cmd_config', 'cmd_demo',
+           'build_parser', 'main']
 
 # %% ../nbs/10_cli.ipynb #d6069c5c
 PROG = "brpg"
@@ -49,12 +50,25 @@ def _device(spec: str = "auto"):
 # %% ../nbs/10_cli.ipynb #720a19f6
 def _checkpoint_and_config(path, config=None, overrides=None):
     "Read a checkpoint (file or run directory) and the config it runs under, with `data.num_classes` resolved."
-    from brpg.checkpoint import read_checkpoint, config_for_checkpoint
+    from brpg.checkpoint import read_checkpoint, config_for_checkpoint, CheckpointError
     from brpg.data import resolve_num_classes
     ck = read_checkpoint(path)
-    return ck, resolve_num_classes(config_for_checkpoint(ck, config, overrides))
+    try: cfg = config_for_checkpoint(ck, config, overrides)
+    except CheckpointError:
+        if config is not None or isinstance(ck.get("student"), dict): raise
+        raise CLIError(f"checkpoint '{ck['_path']}' holds model weights only (no config inside, no config.yaml beside it): "
+                       "pass --config CONFIG, the config the model was trained with") from None
+    return ck, resolve_num_classes(cfg)
 
 # %% ../nbs/10_cli.ipynb #14be54ed
+SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
+
+def _train_exit_code(r) -> int:
+    "The exit status of a `train_main` summary: 128 + signal number when a signal stopped the run, else 0."
+    if isinstance(r, int): return r
+    if isinstance(r, dict) and r.get("stopped"): return SIGNAL_EXIT.get(r.get("stop_reason"), 0)
+    return 0
+
 def cmd_train(a) -> int:
     from brpg.config import load_config
     cfg = load_config(a.config, a.set)
@@ -64,12 +78,37 @@ def cmd_train(a) -> int:
     except TrainerError as e:
         msg = str(e).replace("resume=True", "--resume").replace("overwrite=True", "--overwrite")
         raise CLIError(msg) from None
-    return r if isinstance(r, int) else 0
+    rc = _train_exit_code(r)
+    if rc: print(f"{PROG}: training stopped by {r['stop_reason']} at iteration {r.get('iterations')}; checkpoint "
+                 f"{Path(r.get('out_dir') or out) / 'last.pt'} (continue with --resume)", file=sys.stderr)
+    return rc
 
 # %% ../nbs/10_cli.ipynb #21a70e24
+def _sized_collate(items, ignore_index: int = 255) -> dict:
+    "`brpg.data.pad_collate`, plus each image's own size under `_sizes`."
+    from brpg.data import pad_collate
+    b = pad_collate(items, ignore_index=ignore_index)
+    b["_sizes"] = [tuple(it["image"].shape[-2:]) for it in items]
+    return b
+
+def _unpadded(loader):
+    "The batches of a `_sized_collate` loader cut back to each image's size; images of one size stay batched together."
+    for b in loader:
+        sizes = b.pop("_sizes")
+        groups = {}
+        for i, s in enumerate(sizes): groups.setdefault(s, []).append(i)
+        for (h, w), idx in groups.items():
+            out = {}
+            for k, v in b.items():
+                if not hasattr(v, "dim"): out[k] = [v[i] for i in idx]; continue
+                v = v[idx]
+                out[k] = v[..., :h, :w] if v.dim() >= 3 else v
+            yield out
+
 def _val_loader(cfg, ds):
     from torch.utils.data import DataLoader
-    return DataLoader(ds, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=0)
+    return DataLoader(ds, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=0,
+                      collate_fn=functools.partial(_sized_collate, ignore_index=cfg.data.ignore_index))
 
 def _num(x):
     "float, or None for NaN/missing (a class absent from the val set has no IoU; JSON has no NaN)."
@@ -97,8 +136,8 @@ def evaluate_checkpoint(checkpoint, config=None, overrides=None, device=None) ->
     from brpg.metrics import evaluate
     dev = _device(device or cfg.trainer.device)
     model = model_from_checkpoint(ck, cfg, dev)
-    ds = build_datasets(cfg)
-    with torch.no_grad(): m = evaluate(model, _val_loader(cfg, ds["val"]), cfg, dev)
+    ds = build_datasets(cfg, splits=("val",))   # evaluation needs only the val split
+    with torch.no_grad(): m = evaluate(model, _unpadded(_val_loader(cfg, ds["val"])), cfg, dev)
     names = list(ds["class_names"])
     iou = [_num(x) for x in m["iou"]]
     return {"checkpoint": ck["_path"], "iteration": ck.get("iteration"), "miou": _num(m["miou"]),
@@ -107,27 +146,59 @@ def evaluate_checkpoint(checkpoint, config=None, overrides=None, device=None) ->
             "eval": dataclasses.asdict(cfg.eval)}
 
 # %% ../nbs/10_cli.ipynb #79e2fa97
+def _writable_dir(p: Path, what: str):
+    "Raise a one-line CLIError unless `p` is a writable folder or can be created (nothing is created)."
+    q = p
+    while not q.exists() and q != q.parent: q = q.parent
+    if not q.is_dir(): raise CLIError(f"{what} '{p}': '{q}' is a file, not a folder")
+    if not os.access(q, os.W_OK | os.X_OK): raise CLIError(f"{what} '{p}': folder '{q}' is not writable")
+
+def _eval_out(a) -> Path:
+    "The JSON file of `brpg eval`, checked before any work: not a folder, in a folder that is or can be made."
+    from brpg.checkpoint import resolve_checkpoint
+    out = Path(a.out) if a.out else resolve_checkpoint(a.checkpoint).parent / "eval.json"
+    if out.is_dir(): raise CLIError(f"--out '{out}' is a folder; give the JSON file to write, e.g. {out / 'eval.json'}")
+    _writable_dir(out.parent, "--out")
+    return out
+
 def cmd_eval(a) -> int:
+    out = _eval_out(a)
     res = evaluate_checkpoint(a.checkpoint, a.config, a.set, a.device)
-    out = Path(a.out) if a.out else Path(res["checkpoint"]).parent / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try: tmp.write_text(json.dumps(res, indent=2)); os.replace(tmp, out)
+    finally: tmp.unlink(missing_ok=True)
     print(format_metrics(res)); print(f"wrote {out}")
     return 0
 
 # %% ../nbs/10_cli.ipynb #3519d01e
 def collect_images(inputs) -> list[Path]:
-    "Image files named directly or found (sorted, non-recursive) in the given folders."
-    files = []
+    "Image files named directly or found (sorted, non-recursive) in the given folders; each file once."
+    files, seen = [], set()
     for s in inputs:
         p = Path(s)
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTS)
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTS and q.is_file())
             if not found: raise CLIError(f"folder '{p}' holds no images ({', '.join(IMAGE_EXTS)})")
-            files += found
-        elif p.is_file(): files.append(p)
+        elif p.is_file(): found = [p]
         else: raise CLIError(f"input '{p}' not found")
+        for q in found:
+            if q.resolve() not in seen: seen.add(q.resolve()); files.append(q)
     return files
+
+# %% ../nbs/10_cli.ipynb #c1a7e002
+def output_names(files) -> list[str]:
+    "Unique output names: the stems when they differ, else each path relative to the inputs' common folder."
+    files = [Path(f) for f in files]
+    if len({f.stem for f in files}) == len(files): return [f.stem for f in files]
+    full = [f.resolve() for f in files]
+    common = Path(os.path.commonpath([str(f.parent) for f in full]))
+    names = [f.relative_to(common).with_suffix("").as_posix() for f in full]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        a, b = [str(f) for f, n in zip(files, names) if n == dup][:2]
+        raise CLIError(f"inputs '{a}' and '{b}' would write the same PNGs ({dup}_mask.png): rename one or predict them separately")
+    return names
 
 # %% ../nbs/10_cli.ipynb #778afe65
 def _colorize(mask, n=None):
@@ -138,8 +209,8 @@ def _colorize(mask, n=None):
     return out.numpy() if hasattr(out, "numpy") else np.asarray(out)
 
 # %% ../nbs/10_cli.ipynb #a4ff6aaa
-def predict_images(model, files, cfg, out_dir, device, alpha=0.5) -> list[Path]:
-    "Write `<stem>_mask.png` (colour), `<stem>_overlay.png` and `<stem>_label.png` (class ids) per image."
+def predict_images(model, files, cfg, out_dir, device, alpha=0.5, skipped: list | None = None) -> list[Path]:
+    "Write `<name>_mask.png` (colour), `<name>_overlay.png` and `<name>_label.png` (class ids) per image (names: `output_names`)."
     import numpy as np, torch
     from PIL import Image
     from brpg.metrics import infer
@@ -148,9 +219,13 @@ def predict_images(model, files, cfg, out_dir, device, alpha=0.5) -> list[Path]:
     mode = "sliding" if cfg.eval.mode == "sliding" else "whole"
     stride = cfg.eval.stride or math.ceil(cfg.eval.crop_size * 2 / 3)
     written = []
-    for f in files:
-        try: img = np.array(Image.open(f).convert("RGB"))
-        except Exception as e: raise CLIError(f"cannot read image '{f}': {e}") from None
+    for f, name in zip(files, output_names(files)):
+        try:
+            with Image.open(f) as im: img = np.array(im.convert("RGB"))
+        except Exception as e:
+            why = " ".join(f"{type(e).__name__}: {e}".split())
+            if skipped is None: raise CLIError(f"cannot read image '{f}': {why}") from None
+            skipped.append((f, why)); continue
         x = (torch.from_numpy(img).to(device).permute(2, 0, 1)[None].float() - mean) / std
         with torch.no_grad():
             logits = infer(model, x, cfg.data.num_classes, mode=mode, crop_size=cfg.eval.crop_size, stride=stride,
@@ -158,30 +233,71 @@ def predict_images(model, files, cfg, out_dir, device, alpha=0.5) -> list[Path]:
         pred = logits.argmax(1)[0].to(torch.uint8).cpu()
         col = _colorize(pred, cfg.data.num_classes)
         over = (alpha * img + (1 - alpha) * col).round().astype(np.uint8)
+        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
         for suffix, arr in (("mask", col), ("overlay", over), ("label", pred.numpy())):
-            p = out_dir / f"{f.stem}_{suffix}.png"; Image.fromarray(arr).save(p); written.append(p)
+            p = out_dir / f"{name}_{suffix}.png"; Image.fromarray(arr).save(p); written.append(p)
     return written
 
 # %% ../nbs/10_cli.ipynb #19f9194c
+def _predict_out(out) -> Path:
+    "The output folder of `brpg predict`, checked (and created) before any work."
+    p = Path(out)
+    if p.exists() and not p.is_dir(): raise CLIError(f"--out '{p}' is a file; give a folder for the PNGs")
+    _writable_dir(p, "--out")
+    try: p.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise CLIError(f"--out '{p}': cannot create the folder ({e.strerror or e})") from None
+    return p
+
 def cmd_predict(a) -> int:
     files = collect_images(a.inputs)
+    output_names(files)                        # clashing names: refuse before any work
+    out = _predict_out(a.out)
     ck, cfg = _checkpoint_and_config(a.checkpoint, a.config, a.set)
     from brpg.checkpoint import model_from_checkpoint
     dev = _device(a.device or cfg.trainer.device)
     model = model_from_checkpoint(ck, cfg, dev)
-    written = predict_images(model, files, cfg, a.out, dev)
-    print(f"wrote {len(written)} PNGs for {len(files)} images to {a.out}")
+    skipped = []
+    written = predict_images(model, files, cfg, out, dev, skipped=skipped)
+    for f, why in skipped: print(f"{PROG}: warning: skipped '{f}': cannot read image ({why})", file=sys.stderr)
+    n_ok = len(files) - len(skipped)
+    if n_ok == 0:
+        print(f"{PROG}: error: none of the {len(files)} images could be read; nothing written to {out}", file=sys.stderr)
+        return 1
+    print(f"wrote {len(written)} PNGs for {n_ok} images to {out}" + (f" ({len(skipped)} skipped: unreadable)" if skipped else ""))
     return 0
 
 # %% ../nbs/10_cli.ipynb #232fbf24
+def _splits_target(cfg, out) -> Path:
+    "The folder `brpg splits` writes to: `--out`, else `data.split_dir`, else `<root>/splits` (demo data: --out needed)."
+    if out: return Path(out).expanduser()
+    from brpg.data import dataset_root, _split_dir
+    d = cfg.data
+    if d.dataset in ("demo", "brain") and not d.split_dir:
+        raise CLIError("give an output folder with --out for the demo dataset (its cached splits are left as generated)")
+    return _split_dir(cfg, dataset_root(cfg))
+
 def cmd_splits(a) -> int:
     "Write seeded labeled.txt / unlabeled.txt for --n-labeled images of the config's dataset."
+    import shutil, tempfile
     from brpg.config import load_config
     from brpg.data import read_split
     from brpg.splits import write_splits
     ov = list(a.set) + ([f"data.dataset={a.dataset}"] if a.dataset else []) + ([f"data.root={a.root}"] if a.root else [])
     cfg = load_config(a.config, ov)
-    pl, pu = write_splits(cfg, a.n_labeled, a.seed, a.out)
+    target = _splits_target(cfg, a.out)
+    with tempfile.TemporaryDirectory(prefix="brpg-splits-") as tmp:
+        drawn = write_splits(cfg, a.n_labeled, a.seed, tmp)          # the draw's own errors come first
+        dest = [target / p.name for p in drawn]
+        there = [str(p) for p in dest if p.exists() or p.is_symlink()]
+        if there and not getattr(a, "force", False):
+            raise CLIError(f"{' and '.join(there)} already exist{'s' if len(there) == 1 else ''}: pass --force to replace, "
+                           "or --out to write elsewhere")
+        if target.exists() and not target.is_dir(): raise CLIError(f"split folder '{target}' is a file, not a folder")
+        target.mkdir(parents=True, exist_ok=True)
+        for src_, dst in zip(drawn, dest):
+            part = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+            shutil.copyfile(src_, part); os.replace(part, dst)
+    pl, pu = dest
     nl, nu = len(read_split(pl)), (len(read_split(pu)) if pu.read_text().strip() else 0)
     print(f"wrote {nl} labeled lines to {pl} and {nu} unlabeled lines to {pu} (seed {a.seed})")
     return 0
@@ -235,7 +351,8 @@ def _eval_parser(sub):
 def _predict_parser(sub):
     "`brpg predict`: a checkpoint, image files or folders, the output folder."
     r = sub.add_parser("predict", help="write colour masks and overlays for images",
-                       description="Predict segmentation masks; writes <name>_mask.png, <name>_overlay.png and <name>_label.png.")
+                       description="Predict segmentation masks; writes <name>_mask.png, <name>_overlay.png and <name>_label.png "
+                                   "(inputs sharing a name keep their relative folders; unreadable files are skipped).")
     r.add_argument("--checkpoint", "-k", required=True, help="checkpoint file or run directory")
     r.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
     r.add_argument("--out", "-o", required=True, help="output folder for the PNGs")
@@ -246,7 +363,7 @@ def _predict_parser(sub):
 
 # %% ../nbs/10_cli.ipynb #2cc91bfc
 def _splits_parser(sub):
-    "`brpg splits`: the dataset, the number of labeled images, the seed and the output folder."
+    "`brpg splits`: the dataset, the number of labeled images, the seed, the output folder and `--force`."
     from brpg.config import DataConfig
     sp = sub.add_parser("splits", help="write seeded labeled/unlabeled split files for N labeled images of a dataset",
                         description="Write seeded labeled.txt / unlabeled.txt for N labeled images (only images with masks).")
@@ -257,6 +374,7 @@ def _splits_parser(sub):
     sp.add_argument("--n-labeled", type=int, required=True, help="number of labeled images")
     sp.add_argument("--seed", type=int, default=0, help="seed of the labeled draw")
     sp.add_argument("--out", help="output folder (default: data.split_dir, else <root>/splits; required for demo)")
+    sp.add_argument("--force", action="store_true", help="replace labeled.txt / unlabeled.txt already in the output folder")
     sp.set_defaults(func=cmd_splits)
     return sp
 
