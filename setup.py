@@ -25,7 +25,7 @@ setuptools.setup(
     url=cfg["git_url"],
     packages=setuptools.find_packages(include=["brpg", "brpg.*"]),
     include_package_data=True,
-    package_data={"brpg": ["configs/*.yaml"]},
+    package_data={"brpg": ["configs/*.yaml", "configs/*/*.yaml"]},  # the shipped configs (brpg.config.CONFIG_DIR)
     install_requires=requirements,
     extras_require={"dev": dev_requirements},
     python_requires=">=" + cfg["min_python"],

@@ -37,10 +37,12 @@ class KMeansResult(NamedTuple):
     inertia: torch.Tensor      # [G] float32: sum of squared distances of valid rows to their centre
 
 # %% ../nbs/05_clustering.ipynb #7c5d8d8b
-def _sqdist(x, xx, c):
-    "Squared distances `[G, N, M]` between rows `x[G,N,D]` (norms `xx[G,N]`) and centres `c[G,M,D]`."
+def _sqdist(x, xx, c, mu=None):
+    """Squared distances `[G, N, M]` between rows `x[G,N,D]` (norms `xx[G,N]`) and centres `c[G,M,D]`.
+    With `mu[G,D]`, `x` holds raw rows, `xx` and `c` are relative to `mu`: `‖x−mu−c‖²`, no centred copy of x."""
+    cc = (c * c).sum(-1) if mu is None else (c * (c + 2 * mu[:, None])).sum(-1)
     d = torch.baddbmm(xx[:, :, None], x, c.transpose(1, 2), alpha=-2.0)
-    return (d + (c * c).sum(-1)[:, None, :]).clamp_min_(0)
+    return (d + cc[:, None, :]).clamp_min_(0)
 
 # %% ../nbs/05_clustering.ipynb #dc8d24fa
 def _n_trials(k: torch.Tensor) -> torch.Tensor:
@@ -81,54 +83,171 @@ def _kmeanspp(x, xx, valid, R, K, seed, k=None):
     return torch.stack(idx, -1)
 
 # %% ../nbs/05_clustering.ipynb #16788135
-def _assign(x, xx, valid, c, slot_ok):
+def _assign(x, xx, valid, c, slot_ok, mu=None):
     "Nearest valid slot per row and restart: `(dmin[G,N,R], lab[G,N,R])`, dmin 0 on masked rows."
     G, R, K, D = c.shape
-    d = _sqdist(x, xx, c.reshape(G, R * K, D)).view(G, -1, R, K)
+    d = _sqdist(x, xx, c.reshape(G, R * K, D), mu).view(G, -1, R, K)
     d = d.masked_fill(~slot_ok[:, None, None, :], float("inf"))
     dmin, lab = d.min(-1)
     return torch.where(valid[:, :, None], dmin, torch.zeros_like(dmin)), lab
 
 # %% ../nbs/05_clustering.ipynb #ba46645e
-def _lloyd(x, xx, valid, c, slot_ok, iters, tol, check_every):
-    "Lloyd iterations on centres `c[G,R,K,D]`; a (group, restart) freezes once its inertia change <= tol."
+def _lloyd(x, xx, valid, c, slot_ok, iters, tol, check_every, mu=None):
+    """Lloyd iterations on centres `c[G,R,K,D]`; a (group, restart) freezes once its inertia change <= tol.
+    Returns `(c, last)`: `last = (dmin, lab)` of the final centres when the loop stopped with every run frozen
+    (the caller then skips one assignment pass), else None."""
     G, R, K, D = c.shape
     N = x.shape[1]
-    vf = valid.float()
+    vf = valid.to(x.dtype)
     done = torch.zeros(G, R, dtype=torch.bool, device=x.device)
     prev = torch.full((G, R), float("inf"), device=x.device)
+    kk, pad = min(K, N), -(R * K) % 4
     for it in range(iters):
-        dmin, lab = _assign(x, xx, valid, c, slot_ok)
+        dmin, lab = _assign(x, xx, valid, c, slot_ok, mu)
         inertia = dmin.sum(1)
-        if it > 0: done = done | ((prev - inertia).abs() <= tol * prev)
-        onehot = F.one_hot(lab, K).to(x.dtype) * vf[:, :, None, None]                  # [G,N,R,K]
-        onehot = onehot.view(G, N, R * K)
-        sums = torch.bmm(onehot.transpose(1, 2), x).view(G, R, K, D)
-        counts = onehot.sum(1).view(G, R, K)
+        if it > 0:   # converged: small inertia change, or a fixed point (same labels, no re-seeded slot)
+            same = ((lab == prev_lab) | ~valid[:, :, None]).all(1) & ~reseeded
+            done = done | ((prev - inertia).abs() <= tol * prev) | same
+        if check_every and it > 0 and (it + 1) % check_every == 0 and bool(done.all()): return c, (dmin, lab)
+        onehot = (lab[..., None] == torch.arange(K, device=x.device)).to(x.dtype) * vf[:, :, None, None]
+        onehot = F.pad(onehot.view(G, N, R * K), (0, pad))      # [G,N,P]; MKL is ~2x faster for P % 4 == 0
+        sums = torch.bmm(onehot.transpose(1, 2), x)[:, :R * K].view(G, R, K, D)
+        counts = onehot[..., :R * K].sum(1).view(G, R, K)
         newc = sums / counts.clamp_min(1)[..., None]
+        if mu is not None: newc = newc - mu[:, None, None]                             # raw rows: back to centred
         empty = (counts == 0) & slot_ok[:, None, :]
         # empty cluster -> re-seed at the farthest valid points (j-th empty slot <- j-th farthest point)
-        kk = min(K, N)
         far = torch.where(valid[:, :, None], dmin, torch.full_like(dmin, -1.0)).transpose(1, 2).topk(kk, -1).indices
         rank = (torch.cumsum(empty.long(), -1) - 1).clamp(0, kk - 1)
         pick = torch.gather(far, 2, rank)                                                # [G,R,K]
         px = torch.gather(x, 1, pick.view(G, R * K, 1).expand(G, R * K, D)).view(G, R, K, D)
+        if mu is not None: px = px - mu[:, None, None]
         newc = torch.where(empty[..., None], px, newc)
         c = torch.where(done[:, :, None, None], c, newc)
-        prev = inertia
-        if check_every and (it + 1) % check_every == 0 and bool(done.all()): break
-    return c
+        prev, prev_lab, reseeded = inertia, lab, empty.any(-1)
+    return c, None
+
+# %% ../nbs/05_clustering.ipynb #215e658e
+def _sample_rows(valid, S, seed):
+    """Indices `[G,S]` of `S` rows per group drawn without replacement from the valid rows (all of them, then
+    masked ones, if fewer), in their original order. The draw keys on each row's rank among the valid rows,
+    so, like every random pick here, it does not depend on where masked rows sit."""
+    rank = torch.cumsum(valid, 1) - 1
+    u = hash_uniform(seed, rank, torch.full((1, 1), -1, dtype=torch.long, device=valid.device), device=valid.device)
+    key = ((u * 2 ** 24).long() << 32) | rank                                       # unique: ties broken by rank
+    key = torch.where(valid, key, torch.full_like(key, 2 ** 62))                    # masked rows last
+    return key.topk(S, 1, largest=False, sorted=False).indices.sort(1).values
+
+# %% ../nbs/05_clustering.ipynb #ca50c0f9
+def _centre_into(buf, x, v, mean=None):
+    """Write `x[g,N,D] - mean` into `buf` (its dtype), masked rows 0 whatever they held; returns `(buf, mean)`.
+    `mean` (any point near the data: it is only there for the numerics) defaults to the mean of the valid rows."""
+    if mean is None:
+        if x.dtype == buf.dtype: torch.where(v[..., None], x, x.new_zeros(()), out=buf)
+        else: buf.copy_(x).masked_fill_(~v[..., None], 0)
+        vf = v.to(buf.dtype)
+        mean = buf.sum(1) / vf.sum(1).clamp_min(1)[:, None]
+        buf.baddbmm_(vf[:, :, None], mean[:, None, :], alpha=-1)                  # in place: masked rows stay 0
+        return buf, mean
+    if x.dtype == buf.dtype: torch.sub(x, mean[:, None], out=buf)                # one pass when nothing is masked
+    else: buf.copy_(x).sub_(mean[:, None])
+    if not bool(v.all()): buf.masked_fill_(~v[..., None], 0)                     # one host sync per chunk
+    return buf, mean
+
+def _centred_sqnorms(x, mu, block_elems=2 ** 22):
+    "`‖x − mu‖²` per row of raw `x[g,N,D]`, exactly (no cancellation), in row blocks of bounded memory."
+    g, N, D = x.shape
+    step = max(1, block_elems // max(1, g * D))
+    return torch.cat([torch.linalg.vector_norm(x[:, a:a + step] - mu[:, None], dim=-1).square_()
+                      for a in range(0, N, step)], 1)
+
+# %% ../nbs/05_clustering.ipynb #51710a59
+def _prepare(buf, x, v, dtype, sample, seed):
+    """`(xw, xx, mean, samp)`: the chunk's rows to work on, their squared norms about `mean`, and, when
+    N > `sample`, the centred sample `(xs, xxs, vs)` (else None). `buf=None` (float `x` in `dtype`, no masked
+    row, a sample): `xw` is `x` itself, nothing is copied; else `xw` is `x − mean` written into `buf`."""
+    g, N, D = x.shape
+    if sample is None or N <= sample:
+        xc, mean = _centre_into(buf, x, v)
+        return xc, torch.linalg.vector_norm(xc, dim=-1).square_(), mean, None
+    idx = _sample_rows(v, sample, seed)
+    vs = torch.gather(v, 1, idx)
+    xs = torch.where(vs[..., None], x[torch.arange(g, device=x.device)[:, None], idx].to(dtype), 0.)
+    mean = xs.sum(1) / vs.sum(1).clamp_min(1)[:, None].to(dtype)            # the sample's mean: near enough
+    xs = (xs - mean[:, None]).masked_fill_(~vs[..., None], 0)
+    samp = (xs, torch.linalg.vector_norm(xs, dim=-1).square_(), vs)
+    if buf is None: return x, _centred_sqnorms(x, mean), mean, samp
+    xc, _ = _centre_into(buf, x, v, mean)
+    return xc, torch.linalg.vector_norm(xc, dim=-1).square_(), mean, samp
+
+# %% ../nbs/05_clustering.ipynb #e416294d
+def _fit_chunk(xw, xx, v, samp, kt, slot_ok, R, iters, tol, seed, init, check_every, mu=None):
+    """k-means of one chunk: best `(c[g,K,D], dmin[g,N], lab[g,N])` over the restarts, centres relative to the
+    centring point (`mu[g,D]` given: `xw` holds raw rows, see `_sqdist`)."""
+    g, N, D = xw.shape
+    K = slot_ok.shape[1]
+    if init is not None: c = init[:, None]
+    else:
+        xs, xxs, vs = (xw, xx, v) if samp is None else samp
+        R = R if samp is None else 2 * R                 # restarts on the sample are cheap: twice as many
+        idx = _kmeanspp(xs, xxs, vs, R, K, seed, kt)                                    # [g,R,K]
+        c = torch.gather(xs, 1, idx.view(g, R * K, 1).expand(g, R * K, D)).view(g, R, K, D)
+        if samp is not None:   # restarts compete on the sample; only the winner is refined on all the rows
+            c, last = _lloyd(xs, xxs, vs, c, slot_ok, iters, tol, check_every)
+            dmin, _ = _assign(xs, xxs, vs, c, slot_ok) if last is None else last
+            c = c[torch.arange(g, device=xw.device), dmin.sum(1).argmin(-1)][:, None]
+    c, last = _lloyd(xw, xx, v, c, slot_ok, iters, tol, check_every, mu)
+    dmin, lab = _assign(xw, xx, v, c, slot_ok, mu) if last is None else last
+    best = dmin.sum(1).argmin(-1)                                                      # [g]
+    pick = lambda t: torch.gather(t, 2, best[:, None, None].expand(g, N, 1))[..., 0]
+    return c[torch.arange(g, device=xw.device), best], pick(dmin), pick(lab)
+
+# %% ../nbs/05_clustering.ipynb #5963c589
+def _batched_kmeans(x, mask, kt, K, R, iters, tol, seed, init, check_every, chunk_elems, dtype, sample):
+    G, N, D = x.shape
+    dev = x.device
+    centers = torch.zeros(G, K, D, dtype=x.dtype, device=dev)
+    labels = torch.full((G, N), -1, dtype=torch.long, device=dev)
+    inertia = torch.zeros(G, dtype=torch.float32, device=dev)
+    keff = torch.minimum(kt, mask.sum(1))
+    center_mask = torch.arange(K, device=dev)[None] < keff[:, None]
+    if G == 0 or K == 0 or N == 0: return KMeansResult(centers, center_mask, labels, inertia)
+    if check_every is None: check_every = 1 if dev.type == "cpu" else 4
+    if chunk_elems is None: chunk_elems = 2 ** 27 if dev.type == "cpu" else 2 ** 30
+    W = 4 * max(K, int(_n_trials(kt).max()))
+    sub = init is None and sample is not None and N > sample
+    raw = sub and x.dtype == dtype and bool(mask.all())         # no copy: work on x itself (see `_sqdist`)
+    per_group = N * ((0 if raw else D) + W * (1 if sub else R)) + (sample * (D + 2 * W * R) if sub else 0) + R * K * D
+    step = min(G, max(1, int(chunk_elems // per_group)))
+    buf = None if raw else torch.empty(step, N, D, dtype=dtype, device=dev)          # reused by every chunk
+    for s in range(0, G, step):
+        sl = slice(s, min(G, s + step))
+        v = mask[sl]
+        g = v.shape[0]
+        xc, xx, mean, samp = _prepare(None if raw else buf[:g], x[sl], v, dtype, None if init is not None else sample, seed)
+        bad = (v & ~torch.isfinite(xx)).any(1)
+        if bool(bad.any()):
+            raise ValueError(f"batched_kmeans: non-finite values (NaN/inf) in valid rows of group(s) {(bad.nonzero().flatten() + s).tolist()}")
+        ini = None if init is None else (init[sl].to(dev, dtype) - mean[:, None])
+        cb, dmin, lb = _fit_chunk(xc, xx, v, samp, kt[sl], center_mask[sl], R, iters, tol, seed, ini, check_every,
+                                  mean if raw else None)
+        inertia[sl] = dmin.sum(1).float()
+        labels[sl] = torch.where(v, lb, torch.full_like(lb, -1))
+        centers[sl] = torch.where(center_mask[sl][..., None], cb + mean[:, None], torch.zeros_like(cb)).to(x.dtype)
+    return KMeansResult(centers, center_mask, labels, inertia)
 
 # %% ../nbs/05_clustering.ipynb #732e72f1
 def batched_kmeans(x: torch.Tensor, mask: torch.Tensor | None = None, k=2, restarts: int = 3, iters: int = 100,
                    tol: float = 1e-4, seed: int = 0, init: torch.Tensor | None = None, check_every: int | None = None,
-                   chunk_elems: int = 2 ** 27, dtype=torch.float32) -> KMeansResult:
+                   chunk_elems: int | None = None, dtype=torch.float32, sample: int | None = 2048) -> KMeansResult:
     """k-means on every group of `x[G,N,D]` at once. `mask bool[G,N]` marks valid rows (None = all);
     `k` is an int or `long[G]` (per-group; kmax = max k). Greedy k-means++ init from a counter-based
     RNG keyed by `seed` (or given `init[G,kmax,D]` centres, then restarts=1), `restarts` runs keeping the
     lowest inertia per group, at most `iters` Lloyd steps, stop when the relative inertia change <= `tol`.
+    When N > `sample`, seeding and 2×`restarts` runs use `sample` valid rows per group; the winner is refined on all.
     Groups with fewer than k valid rows get `min(k, n_valid)` centres (the rest invalid in `center_mask`).
-    `check_every`: iterations between the (host-syncing) all-converged tests; None = 1 on CPU, 4 elsewhere."""
+    `check_every`: iterations between the (host-syncing) all-converged tests; None = 1 on CPU, 4 elsewhere.
+    `chunk_elems` bounds the working set per chunk of groups (None: 2**27 on CPU, 2**30 elsewhere)."""
     if x.ndim != 3: raise ValueError(f"batched_kmeans: x must be [G, N, D], got shape {tuple(x.shape)}")
     G, N, D = x.shape
     dev = x.device
@@ -144,39 +263,4 @@ def batched_kmeans(x: torch.Tensor, mask: torch.Tensor | None = None, k=2, resta
     if init is not None:
         if init.shape != (G, K, D): raise ValueError(f"batched_kmeans: init must be [{G}, {K}, {D}], got {tuple(init.shape)}")
         restarts = 1
-    centers = torch.zeros(G, K, D, dtype=x.dtype, device=dev)
-    labels = torch.full((G, N), -1, dtype=torch.long, device=dev)
-    inertia = torch.zeros(G, dtype=torch.float32, device=dev)
-    n_valid = mask.sum(1)
-    keff = torch.minimum(kt, n_valid)
-    center_mask = torch.arange(K, device=dev)[None] < keff[:, None]
-    if G == 0 or K == 0 or N == 0: return KMeansResult(centers, center_mask, labels, inertia)
-    R = restarts
-    if check_every is None: check_every = 1 if dev.type == "cpu" else 4
-    L = int(_n_trials(kt).max())
-    per_group = N * (D + 4 * R * max(K, L)) + R * K * D
-    step = max(1, int(chunk_elems // per_group))
-    for s in range(0, G, step):
-        sl = slice(s, min(G, s + step))
-        v = mask[sl]
-        # centre each group on its mean; masked rows become exact zeros (whatever they held, NaN included).
-        xc = x[sl].to(dtype, copy=True).masked_fill_(~v[..., None], 0)
-        mean = xc.sum(1) / v.sum(1).clamp_min(1)[:, None].to(dtype)
-        xc.sub_(mean[:, None]).masked_fill_(~v[..., None], 0)
-        xx = torch.linalg.vector_norm(xc, dim=-1).square_()
-        g = xc.shape[0]
-        slot_ok = center_mask[sl]
-        if init is None:
-            idx = _kmeanspp(xc, xx, v, R, K, seed, kt[sl])                               # [g,R,K]
-            c = torch.gather(xc, 1, idx.view(g, R * K, 1).expand(g, R * K, D)).view(g, R, K, D)
-        else:
-            c = (init[sl].to(dev, dtype) - mean[:, None])[:, None]
-        c = _lloyd(xc, xx, v, c, slot_ok, iters, tol, check_every)
-        dmin, lab = _assign(xc, xx, v, c, slot_ok)
-        best = dmin.sum(1).argmin(-1)                                                    # [g]
-        cb = c[torch.arange(g, device=dev), best]                                        # [g,K,D]
-        lb = torch.gather(lab, 2, best[:, None, None].expand(g, N, 1))[..., 0]
-        inertia[sl] = torch.gather(dmin, 2, best[:, None, None].expand(g, N, 1))[..., 0].sum(1).float()
-        labels[sl] = torch.where(v, lb, torch.full_like(lb, -1))
-        centers[sl] = torch.where(slot_ok[..., None], cb + mean[:, None], torch.zeros_like(cb)).to(x.dtype)
-    return KMeansResult(centers, center_mask, labels, inertia)
+    return _batched_kmeans(x, mask, kt, K, restarts, iters, tol, seed, init, check_every, chunk_elems, dtype, sample)

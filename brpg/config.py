@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_config.ipynb #b30e6db7
 from __future__ import annotations
-import dataclasses, difflib, math, typing, warnings
+import dataclasses, difflib, math, re, sys, typing, warnings
 from dataclasses import dataclass, field, fields, is_dataclass, asdict
 from pathlib import Path
 import yaml
@@ -230,6 +230,18 @@ def _check_value(key, f, v):
             raise ConfigError(f"config key '{key}': value {v!r} is outside [{lo}, {hi if hi is not None else 'inf'}]")
     return v
 
+# %% ../nbs/00_config.ipynb #c0e1a002
+def _check_eval(e: EvalConfig):
+    "Cross-field rules of the `eval` section: a gap-free sliding window, a non-empty list of positive scales."
+    if e.stride > e.crop_size:
+        raise ConfigError(f"config keys 'eval.stride' = {e.stride} and 'eval.crop_size' = {e.crop_size}: the stride must not exceed "
+                          f"the crop, else the sliding window leaves pixels uncovered; use eval.stride <= {e.crop_size} (0 = ceil(2/3 * crop))")
+    if not e.scales:
+        raise ConfigError("config key 'eval.scales': value [] is empty; give at least one scale, e.g. [1.0]")
+    bad = [s for s in e.scales if isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0]
+    if bad: raise ConfigError(f"config key 'eval.scales': value {e.scales!r} holds {bad[0]!r}; every scale must be a positive number")
+    e.scales = [float(s) for s in e.scales]
+
 # %% ../nbs/00_config.ipynb #0554bef2
 def validate_config(cfg: Config):
     "Check every field of `cfg` and the cross-field rules; raise `ConfigError` on the first problem."
@@ -244,6 +256,7 @@ def validate_config(cfg: Config):
     if not (m.low_threshold <= m.high_threshold):
         raise ConfigError(f"config key 'method.low_threshold': {m.low_threshold} exceeds method.high_threshold {m.high_threshold}")
     if d.ignore_index < d.num_classes: raise ConfigError(f"config key 'data.ignore_index': {d.ignore_index} collides with a class id (< data.num_classes={d.num_classes})")
+    _check_eval(cfg.eval)
     return cfg
 
 # %% ../nbs/00_config.ipynb #40bb3a09
@@ -282,6 +295,23 @@ def check_crop_keys(cfg: Config, warn: bool = True) -> Config:
                           f"try model.aspp_dilations={sug}", UserWarning, stacklevel=2)
     return cfg
 
+# %% ../nbs/00_config.ipynb #c0e1a004
+class _Loader(yaml.SafeLoader):
+    "`yaml.SafeLoader` that also reads YAML 1.2 floats: `1e-3`, `1E9`, `-2.5e+4`, `.5`, `5.`."
+
+_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+_Loader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]
+                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}  # own copy, SafeLoader untouched
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+def _yaml_load(text: str):
+    "Parse YAML text of a config file or override value (`_Loader`)."
+    return yaml.load(text, Loader=_Loader)
+
 # %% ../nbs/00_config.ipynb #085d7d13
 def _closest(name, options):
     m = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
@@ -308,25 +338,37 @@ def config_from_dict(d: dict | None, source: str = "<dict>") -> Config:
     try: return check_crop_keys(Config(**kw))
     except ConfigError as e: raise ConfigError(f"{source}: {e}") from None
 
+# %% ../nbs/00_config.ipynb #c0e1a007
+def _override_source() -> str:
+    "`--set` if the call comes from the `brpg` command line (module `brpg.cli`, imported or run with -m), else `override`."
+    f = sys._getframe(1)
+    while f is not None:
+        g = f.f_globals
+        if g.get("__name__") == "brpg.cli" or getattr(g.get("__spec__"), "name", None) == "brpg.cli": return "--set"
+        f = f.f_back
+    return "override"
+
 # %% ../nbs/00_config.ipynb #244d04eb
-def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
-    "Return a copy of `cfg` with `section.key=value` overrides applied (values parsed as YAML)."
+def apply_overrides(cfg: Config, overrides: list[str] | None, source: str | None = None) -> Config:
+    """Return a copy of `cfg` with `section.key=value` overrides applied (values parsed as YAML, `_Loader`).
+    Errors start with `source`: default `--set` under the `brpg` command line, `override` from Python."""
+    source = source or _override_source()
     d = cfg.to_dict()
     for ov in overrides or []:
-        if "=" not in ov: raise ConfigError(f"override '{ov}': expected section.key=value")
+        if "=" not in ov: raise ConfigError(f"{source} '{ov}': expected section.key=value")
         key, raw = ov.split("=", 1)
         key = key.strip()
         parts = key.split(".")
         if len(parts) != 2 or parts[0] not in d or parts[1] not in d[parts[0]]:
-            raise ConfigError(f"override '{ov}': unknown config key '{key}'{_closest(key, _all_keys())}")
-        try: val = yaml.safe_load(raw) if raw.strip() != "" else ""
-        except yaml.YAMLError as e: raise ConfigError(f"override '{ov}': cannot parse value {raw!r}: {e}") from None
+            raise ConfigError(f"{source} '{ov}': unknown config key '{key}'{_closest(key, _all_keys())}")
+        try: val = _yaml_load(raw) if raw.strip() != "" else ""
+        except yaml.YAMLError as e: raise ConfigError(f"{source} '{ov}': cannot parse value {raw!r}: {e}") from None
         if val is None: val = ""
         d[parts[0]][parts[1]] = val
-    return config_from_dict(d, source="--set")
+    return config_from_dict(d, source=source)
 
 # %% ../nbs/00_config.ipynb #7acd4d2c
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" if "__file__" in globals() else Path("../configs").resolve()
+CONFIG_DIR = Path(__file__).resolve().parent / "configs" if "__file__" in globals() else Path("../brpg/configs").resolve()
 
 def resolve_config_path(path) -> Path:
     "A config file path, or the name of a shipped config (`demo`, `voc/classic_366`, ...)."
@@ -349,7 +391,7 @@ def _merge(base: dict, over: dict) -> dict:
 def _read_yaml(p: Path, seen=()) -> dict:
     "Read a config file, following its optional `_base_` (a path relative to the file) first."
     if p in seen: raise ConfigError(f"{p}: circular _base_ chain {[str(s) for s in seen]}")
-    try: d = yaml.safe_load(p.read_text()) or {}
+    try: d = _yaml_load(p.read_text()) or {}
     except yaml.YAMLError as e: raise ConfigError(f"{p}: invalid YAML: {e}") from None
     if not isinstance(d, dict): raise ConfigError(f"{p}: top level must be a mapping")
     base = d.pop("_base_", None)
@@ -359,13 +401,13 @@ def _read_yaml(p: Path, seen=()) -> dict:
     return _merge(_read_yaml(bp, seen + (p,)), d)
 
 # %% ../nbs/00_config.ipynb #6a2328f8
-def load_config(path=None, overrides: list[str] | None = None) -> Config:
-    "Load a YAML config file (or shipped config name), apply dotted `overrides`, validate."
+def load_config(path=None, overrides: list[str] | None = None, source: str | None = None) -> Config:
+    "Load a YAML config file (or shipped config name), apply dotted `overrides` (errors start with `source`, see `apply_overrides`), validate."
     if path is None: cfg = Config()
     else:
         p = resolve_config_path(path)
         cfg = config_from_dict(_read_yaml(p.resolve()), source=str(p))
-    return apply_overrides(cfg, overrides)
+    return apply_overrides(cfg, overrides, source or _override_source())
 
 # %% ../nbs/00_config.ipynb #bdc3bfc4
 def save_config(cfg: Config, path):

@@ -194,6 +194,16 @@ def _broadcast_state(bank: PrototypeBank):
         for t in (bank.protos, bank.valid, bank.added, bank.init_protos):
             dist.broadcast(t, src=0)
 
+# %% ../nbs/06_prototypes.ipynb #20a9b51a
+def _check_finite_queues(high_feats, high_mask, low_feats, low_mask):
+    "Raise a one-line ValueError naming each (class, queue) whose valid rows hold NaN/inf; one host sync for all 2C queues."
+    bad = [(~torch.isfinite(f.sum(-1, dtype=torch.float32)) & m.to(f.device, torch.bool)).any(1)
+           for f, m in ((high_feats, high_mask), (low_feats, low_mask))]
+    bad = torch.stack([b.to(bad[0].device) for b in bad]).cpu()                # [2, C]: the one sync
+    if bool(bad.any()):
+        where = ", ".join(f"class {c} ({('high', 'low')[q]} queue)" for q, c in bad.nonzero().tolist())
+        raise ValueError(f"non-finite (NaN/inf) features in the valid rows of: {where}")
+
 # %% ../nbs/06_prototypes.ipynb #b43a8fcb
 @torch.no_grad()
 def _cluster_queues(self: PrototypeBank, high_feats, high_mask, low_feats, low_mask, k_h, k_l, method_cfg: MethodConfig):
@@ -235,6 +245,7 @@ def init_from_tensors(self: PrototypeBank, high_feats: torch.Tensor, high_mask: 
     "APO + one batched k-means on queue tensors `[C,Q,D]` / masks `[C,Q]` (see `init_from_queues`)."
     C = self.num_classes
     dev = high_feats.device
+    _check_finite_queues(high_feats, high_mask, low_feats, low_mask)
     base_h = torch.full((C,), int(method_cfg.high_prototype_num), dtype=torch.long, device=dev)
     base_l = torch.full((C,), int(method_cfg.low_prototype_num), dtype=torch.long, device=dev)
     zero = torch.zeros(C, dtype=torch.long, device=dev)
@@ -280,6 +291,7 @@ def recluster(self: PrototypeBank, high, low, method_cfg: MethodConfig) -> dict:
     k_h = self.valid[:, :mh].sum(1).to(dev); k_l = self.valid[:, mh:].sum(1).to(dev)
     k_h = torch.where(k_h > 0, k_h, torch.full_like(k_h, min(method_cfg.high_prototype_num, mh)))
     k_l = torch.where(k_l > 0, k_l, torch.full_like(k_l, min(method_cfg.low_prototype_num, S - mh)))
+    _check_finite_queues(high.buffer, high.valid_mask(), low.buffer, low.valid_mask())
     new, new_valid, info = _cluster_queues(self, high.buffer, high.valid_mask(), low.buffer, low.valid_mask(),
                                            k_h, k_l, method_cfg)
     old, old_valid = self.protos.clone(), self.valid.clone()
