@@ -114,6 +114,8 @@ class MethodConfig:
     confidence_split: bool = F(True, "CPG: queue high- and low-confidence pixels apart (False = the paper's ablation: each candidate goes to a random queue)")
     pseudo_threshold: float = F(0.8, "unlabeled teacher confidence >= this -> high queue; start of the loss threshold ramp")
     queue_len: int = F(30000, "capacity of each per-class high / low ring buffer")
+    queue_device: str = F("train", "where the queues live: train (the training device) or cpu (the official code's choice: frees ~1.3 GB (VOC) / ~5 GB (COCO) of GPU memory; the initial k-means then runs on the CPU)", choices=("train", "cpu"))
+    queue_dtype: str = F("float32", "storage dtype of the queued features (k-means computes in float32 either way)", choices=("float32", "bfloat16", "float16"))
     # prototypes (docs/method.md §4.4, docs/method.md §4.5)
     high_prototype_num: int = F(2, "k-means centres per class from the high-confidence queue")
     low_prototype_num: int = F(2, "k-means centres per class from the low-confidence queue")

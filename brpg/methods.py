@@ -13,8 +13,8 @@ from .seeding import seed_for
 from . import data as bdata, sampling as bsampling, prototypes as bprotos, losses as blosses
 
 # %% auto #0
-__all__ = ['METHODS', 'VIEW_SAMPLE_SIZE', 'register_method', 'method_class', 'Method', 'Supervised', 'teacher_decay',
-           'ema_update_teacher', 'copy_params', 'MeanTeacher', 'BRPG']
+__all__ = ['METHODS', 'VIEW_SAMPLE_SIZE', 'QUEUE_DTYPES', 'register_method', 'method_class', 'Method', 'Supervised',
+           'teacher_decay', 'ema_update_teacher', 'copy_params', 'MeanTeacher', 'BRPG']
 
 # %% ../nbs/07a_methods.ipynb #cb3a0dd3
 METHODS: dict[str, type] = {}
@@ -302,11 +302,16 @@ def phase(self: BRPG, it: int) -> str:
     return "prototypes" if it >= self.proto_init_iter else "semi"
 
 # %% ../nbs/07a_methods.ipynb #0e2f2cc9
+QUEUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 @patch
 def new_queues(self: BRPG) -> dict:
-    "Empty high- and low-confidence queues (`[C, method.queue_len, D]` each)."
+    "Empty high- and low-confidence queues (`[C, method.queue_len, D]` each) on `method.queue_device`, in `method.queue_dtype`."
     m, C, Dm = self.m, self.cfg.data.num_classes, self.cfg.model.rep_dim
-    return {k: bsampling.ClassQueues(C, Dm, m.queue_len, device=self.tr.device) for k in ("high", "low")}
+    dev = self.tr.device if m.queue_device == "train" else torch.device("cpu")
+    return {k: bsampling.ClassQueues(C, Dm, m.queue_len, device=dev, dtype=QUEUE_DTYPES[m.queue_dtype])
+            for k in ("high", "low")}
+
 
 # %% ../nbs/07a_methods.ipynb #d4ecca32
 @patch
