@@ -4,7 +4,8 @@ previous implementation (`old`, below), on synthetic clustered queues shaped lik
 (every third queue k = 3, as APO extras). Prints wall time, new/old ratio, and the summed inertia of
 old and new over a subset of queues relative to scikit-learn KMeans(n_init=3, random_state=0).
 
-    OMP_NUM_THREADS=2 python benchmarks/clustering.py --scale both [--queues N] [--sk-queues M] [--skip-old]
+    OMP_NUM_THREADS=2 python benchmarks/clustering.py --scale both [--queues N] [--sk-queues M] [--skip-old] \
+        [--device cuda] [--json PATH]
 """
 import argparse, time, types
 import numpy as np
@@ -208,23 +209,27 @@ def make_queues(G, Q=30000, D=256, seed=0):
     return x, k
 
 
+def _sync(): torch.cuda.synchronize() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
 def timed(f, *a, **kw):
-    t = time.perf_counter(); r = f(*a, **kw); return r, time.perf_counter() - t
+    _sync(); t = time.perf_counter(); r = f(*a, **kw); _sync(); return r, time.perf_counter() - t
 
 
-def run(scale, n_queues, sk_queues, skip_old):
+def run(scale, n_queues, sk_queues, skip_old, device="cpu"):
     from sklearn.cluster import KMeans
     G = {"voc": 42, "coco": 162}[scale] if n_queues is None else n_queues
     x, k = make_queues(G, seed={"voc": 0, "coco": 1}[scale])
+    x, k = x.to(device), k.to(device)
     for f in (batched_kmeans, old.batched_kmeans): f(x[:1, :3000], None, 2)   # warm-up (threads, allocator)
     new, t_new = timed(batched_kmeans, x, None, k)
     ref, t_old = (None, float("nan")) if skip_old else timed(old.batched_kmeans, x, None, k)
     m = min(sk_queues, G)
-    sk = np.array([KMeans(int(k[i]), n_init=3, random_state=0).fit(x[i].numpy()).inertia_ for i in range(m)])
+    sk = np.array([KMeans(int(k[i]), n_init=3, random_state=0).fit(x[i].cpu().numpy()).inertia_ for i in range(m)])
     r_new = new.inertia[:m].double().sum().item() / sk.sum()
     r_old = float("nan") if ref is None else ref.inertia[:m].double().sum().item() / sk.sum()
-    worst = (new.inertia[:m].double().numpy() / sk).max()
-    return dict(scale=scale, queues=f"{G}x30000x256", old_s=t_old, new_s=t_new, ratio=t_new / t_old,
+    worst = (new.inertia[:m].double().cpu().numpy() / sk).max()
+    return dict(scale=scale, device=str(x.device), queues=f"{G}x30000x256", old_s=t_old, new_s=t_new, ratio=t_new / t_old,
                 sk=f"{m} queues", inertia_old=r_old, inertia_new=r_new, worst_new=worst)
 
 
@@ -234,11 +239,18 @@ if __name__ == "__main__":
     ap.add_argument("--queues", type=int, default=None, help="cluster only the first N of the 2C queues")
     ap.add_argument("--sk-queues", type=int, default=6, help="queues compared against scikit-learn (slow)")
     ap.add_argument("--skip-old", action="store_true", help="time only the new implementation")
+    ap.add_argument("--device", default="cpu", help="device of the queues and the k-means (cpu, cuda, cuda:N)")
+    ap.add_argument("--json", help="also write the result rows to this JSON file")
     a = ap.parse_args()
+    if a.device.startswith("cuda") and not torch.cuda.is_available(): raise SystemExit("--device cuda: no CUDA device")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32 queues, k=2 (every 3rd k=3)")
     hdr = ("scale", "queues", "old_s", "new_s", "ratio", "sk", "inertia_old", "inertia_new", "worst_new")
     print("| " + " | ".join(hdr) + " |\n|" + "---|" * len(hdr))
+    rows = []
     for s in (["voc", "coco"] if a.scale == "both" else [a.scale]):
-        r = run(s, a.queues, a.sk_queues, a.skip_old)
+        r = run(s, a.queues, a.sk_queues, a.skip_old, a.device); rows.append(r)
         print("| " + " | ".join(f"{r[h]:.4g}" if isinstance(r[h], float) else str(r[h]) for h in hdr) + " |", flush=True)
     print("inertia_* = summed inertia / summed sklearn KMeans(n_init=3) inertia over the sk queues; worst_new = worst single queue")
+    if a.json:
+        import json
+        with open(a.json, "w") as f: json.dump([{k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in r.items()} for r in rows], f, indent=2)
