@@ -66,8 +66,12 @@ def commit(self: RunLog):
     if self.staging is None: return
     for n in ("metrics.jsonl", "config.yaml", "weights.json"):
         if (self.staging / n).exists(): os.replace(self.staging / n, self.dir / n)   # open files keep writing
+    if self.tb is not None: self.tb.close()      # TensorBoard reopens its file by name: move it closed, reopen
     if (self.dir / "tb").is_dir(): shutil.rmtree(self.dir / "tb")
     if (self.staging / "tb").is_dir(): os.replace(self.staging / "tb", self.dir / "tb")
+    if self.tb is not None:
+        from torch.utils.tensorboard import SummaryWriter
+        self.tb = SummaryWriter(str(self.dir / "tb"))     # a second events file beside the first: TensorBoard reads both
     shutil.rmtree(self.staging, ignore_errors=True); self.staging = None
 
 @patch

@@ -420,7 +420,8 @@ def _save(self: Trainer, best: bool = False):
 @patch
 def _prepare_out_dir(self: Trainer):
     "The run's log files (the checkpoints of an overwritten run go only when this run writes its first one)."
-    self._replace_ckpts = self.overwrite and not self.resume
+    old = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml")       # a run to replace, not just an empty folder
+    self._replace_ckpts = self.overwrite and not self.resume and any((self.out_dir / f).exists() for f in old)
     self.runlog.open(self.cfg, self.encoder_init, self.history, self.iteration, self.max_iters, self.method.name,
                      replace=self._replace_ckpts)
 

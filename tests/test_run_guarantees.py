@@ -114,6 +114,19 @@ def test_overwrite_that_dies_before_saving_leaves_the_old_run_whole(tmp_path, mo
     assert not (out / ".overwrite").exists() and not (out / "best.pt").exists() or read_checkpoint(out / "best.pt")["iteration"] == 1
 
 
+@pytest.mark.parametrize("old_run", [False, True])
+def test_overwrite_with_tensorboard_keeps_logging_after_the_first_save(tmp_path, old_run):
+    "TensorBoard reopens its events file by name: the staged tb/ moved at the first save must keep receiving scalars."
+    out = tmp_path / "run"
+    if old_run: _run(out, extra=["trainer.tensorboard=true"])
+    ov = ["trainer.max_iters=4", "trainer.val_every=1", "trainer.log_every=1", "trainer.tensorboard=true"]
+    res = Trainer(tiny_demo_config("supervised", ov), out_dir=out, overwrite=True).fit()
+    assert res["iterations"] == 4 and not (out / ".overwrite").exists()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ev = EventAccumulator(str(out / "tb")); ev.Reload()
+    assert [e.step for e in ev.Scalars("train/loss")] == [1, 2, 3, 4]          # the new run only, all of it
+
+
 def test_a_run_that_saved_nothing_is_not_offered_resume(tmp_path, monkeypatch):
     def boom(*a, **k): raise RuntimeError("crash before the first checkpoint")
     monkeypatch.setattr(brpg.losses, "supervised_loss", boom)
