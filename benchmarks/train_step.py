@@ -33,7 +33,7 @@ def _overrides(a, method):
     ov = [f"method.name={method}", f"trainer.device={a.device}", f"data.crop_size={a.crop}",
           f"data.batch_size_labeled={a.batch}", f"data.batch_size_unlabeled={a.batch}", f"model.backbone={a.backbone}",
           "model.pretrained=false", "data.num_workers=0", "trainer.tensorboard=false", "trainer.progress=false",
-          f"trainer.amp={a.amp}"]
+          f"trainer.amp={a.amp}", "method.grid_num=0"]   # grid_num=0: the labeled grid derived from the crop
     if a.crop > 81:  # the demo images are 96 px: grow them so a large crop holds real pixels, not padding
         ov.append(f"data.demo_image_size={a.crop + 15}")
     if method == "brpg" and a.unsup_threshold >= 0:
