@@ -34,10 +34,10 @@ kernel's RSS high-water mark (VmHWM, reset through /proc/self/clear_refs) over o
 
 Measured with that command (shared, loaded 2-core machine, torch 2.14.1):
 
-    VOC  old: fwd 83.9, EMA 10.7, bwd 322.3, step 423.3 ms, peak extra 399 MiB
-         new: fwd 81.0, EMA  8.5, bwd 131.3, step 221.3 ms, peak extra 224 MiB  -> new/old 0.52
-    COCO old: fwd 140.9, EMA 25.2, bwd 353.3, step 528.7 ms, peak extra 408 MiB
-         new: fwd 112.9, EMA 17.1, bwd 185.4, step 317.8 ms, peak extra 233 MiB -> new/old 0.60
+    VOC  old: fwd 91.8, EMA 10.7, bwd 337.4, step 439.2 ms, peak extra 404 MiB
+         new: fwd 76.3, EMA  9.6, bwd 127.0, step 206.5 ms, peak extra 206 MiB  -> new/old 0.47
+    COCO old: fwd 119.7, EMA 18.4, bwd 335.7, step 487.9 ms, peak extra 357 MiB
+         new: fwd 99.7, EMA 15.7, bwd 158.2, step 264.7 ms, peak extra 240 MiB  -> new/old 0.54
     same picks: |d loss| 0, |d grad| <= 3.6e-12 (grad scale 6.5e-05), |d EMA'd protos| 0
 
 Earlier numbers (before `prototype_step`; the old breakdown derived backward by subtraction):

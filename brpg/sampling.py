@@ -413,20 +413,25 @@ def _image_runs(b: torch.Tensor):
     return out
 
 def _read(src, rows: bool, b, pix, runs, hw):
-    "Values `[D, N]` of the map at images `b`, pixels `pix` (rep dtype)."
-    if rows: return src[b * hw + pix].t()
-    if runs is None: return src.transpose(0, 1)[:, b, pix]
+    "Values `[D, K, N]` of the map at images `b`, pixels `pix[K, N]` (rep dtype): one gather for all K corners."
+    K, N = pix.shape
+    if rows: return src[(b * hw + pix).reshape(-1)].t().view(-1, K, N)
+    if runs is None: return src.transpose(0, 1)[:, b.repeat(K), pix.reshape(-1)].view(-1, K, N)
     D = src.shape[1]
-    if not runs: return src.new_zeros(D, 0)
-    return torch.cat([torch.gather(src[i], 1, pix[s:e].expand(D, e - s)) for i, s, e in runs], 1)
+    if not runs: return src.new_zeros(D, K, 0)
+    v = [src[i].index_select(1, pix[:, s:e].reshape(-1)).view(D, K, e - s) for i, s, e in runs]
+    return v[0] if len(v) == 1 else torch.cat(v, 2)
 
 def _add(dst, rows: bool, b, pix, runs, hw, val):
-    "`dst[b, :, pix] += val[D, N]` (accumulating, points in order)."
-    if rows: dst.index_add_(0, b * hw + pix, val.t())
-    elif runs is None: torch.ops.aten.index_put_(dst.transpose(0, 1), [None, b, pix], val, True)
+    "`dst[b, :, pix[k]] += val[D, k, N]` for all K corners at once (accumulating corner by corner, points in order)."
+    K, N = pix.shape
+    if rows: dst.index_add_(0, (b * hw + pix).reshape(-1), val.reshape(val.shape[0], -1).t())
+    elif runs is None:
+        torch.ops.aten.index_put_(dst.transpose(0, 1), [None, b.repeat(K), pix.reshape(-1)], val.reshape(val.shape[0], -1), True)
     else:
         D = dst.shape[1]
-        for i, s, e in runs: dst[i].scatter_add_(1, pix[s:e].expand(D, e - s), val[:, s:e])
+        for i, s, e in runs:
+            dst[i].scatter_add_(1, pix[:, s:e].reshape(-1).expand(D, K * (e - s)), val[:, :, s:e].reshape(D, -1))
 
 class _PointGather(torch.autograd.Function):
     "Features `[sum N, D]` (float32) of `PointGroup`s read from the whole map; backward: one dense gradient."
@@ -439,11 +444,11 @@ class _PointGather(torch.autograd.Function):
         runs = [_image_runs(g.b) if per_image and not rows else None for g in groups]
         outs = []
         for g, r in zip(groups, runs):
-            v = [_read(src, rows, g.b, p, r, hw).float() for p in g.pix]
-            if len(v) == 1: outs.append(v[0])
+            v = _read(src, rows, g.b, g.pix, r, hw).float()          # [D, K, N]
+            if v.shape[1] == 1: outs.append(v[:, 0])
             else:   # the arithmetic of `_bilinear_points`, on [D, N]
                 wy, wx = g.wy[None], g.wx[None]
-                o = (1 - wy) * ((1 - wx) * v[0] + wx * v[1]) + wy * ((1 - wx) * v[2] + wx * v[3])
+                o = (1 - wy) * ((1 - wx) * v[:, 0] + wx * v[:, 1]) + wy * ((1 - wx) * v[:, 2] + wx * v[:, 3])
                 outs.append(o.to(rep.dtype).float())
         ctx.groups, ctx.runs, ctx.rows = groups, runs, rows
         ctx.meta = (rep.shape, rep.dtype, rep.device)
@@ -462,12 +467,12 @@ class _PointGather(torch.autograd.Function):
         s = 0
         for g, r in zip(ctx.groups, ctx.runs):
             n = g.b.numel(); gs = gT[:, s:s + n]; s += n
-            if g.pix.shape[0] == 1: parts = [gs]
+            if g.pix.shape[0] == 1: val = gs[:, None].to(dtype)
             else:
                 wy, wx = g.wy[None], g.wx[None]
                 g0, g1 = gs * (1 - wy), gs * wy
-                parts = [g0 * (1 - wx), g0 * wx, g1 * (1 - wx), g1 * wx]
-            for p, val in zip(g.pix, parts): _add(dst, ctx.rows, g.b, p, r, hw, val.to(dtype))
+                val = torch.stack([g0 * (1 - wx), g0 * wx, g1 * (1 - wx), g1 * wx], 1).to(dtype)   # [D, 4, N]
+            _add(dst, ctx.rows, g.b, g.pix, r, hw, val)
         return out, None, None
 
 def gather_points(rep: torch.Tensor, groups, per_image: bool | None = None) -> torch.Tensor:
