@@ -164,6 +164,7 @@ def bench_proto_step(C, args, dev):
             t = _step(fn, rep, B, gt, conf, pseudo, bank, cfg, grid_num, gen, dev, args.amp)
             if i: times[name].append(t)
     med = {k: {p: statistics.median(t[p] for t in ts) for p in ts[0]} for k, ts in times.items()}
+    med["rounds"] = [n["step"] / o["step"] for o, n in zip(times["old"], times["new"])]   # same round, same machine state
     # equivalence at this scale: the same picks (keys + topk from the same seed) on two copies of the bank
     res = {}
     for name, kw in (("old", {}), ("new", {"sync_free": True})):
@@ -296,6 +297,9 @@ def main(argv=None):
                   f"{m['step'] * 1e3:7.1f} {mm:>15s}")
         r = {p: med["new"][p] / med["old"][p] for p in med["new"]}
         print(f"  new/old: step {r['step']:.3f} (forward {r['forward']:.2f}, EMA {r['EMA']:.2f}, backward {r['backward']:.2f})")
+        q = statistics.quantiles(med["rounds"], n=4) if len(med["rounds"]) > 1 else med["rounds"] * 3
+        print(f"  new/old step, round by round: median {statistics.median(med['rounds']):.3f} "
+              f"(quartiles {q[0]:.3f}-{q[2]:.3f}, {len(med['rounds'])} rounds)")
         if mem: print(f"  (peak extra includes rep.grad itself, {mem['new']['grad_mib']:.0f} MiB)")
         print(f"  same picks, max |new - old|: loss {diff['loss']:.2e}, d loss/d rep {diff['grad']:.2e} "
               f"(max |grad| {diff['grad_scale']:.2e}), EMA'd prototypes {diff['protos']:.2e}")

@@ -158,7 +158,7 @@ def ema_update(self: PrototypeBank, feats: torch.Tensor, labels: torch.Tensor, w
     own = sims.gather(1, safe[:, None, None].expand(-1, 1, S)).squeeze(1)     # [N,S] own-class slots
     slot = own.argmax(1)
     if weights is None:
-        pred = sims.max(-1).values.argmax(1)
+        pred = sims.amax(-1).argmax(1)
         w = torch.where(pred == safe, torch.ones_like(own[:, 0]), torch.full_like(own[:, 0], float(fault_weight)))
     else:
         w = weights.reshape(-1).detach().float()
