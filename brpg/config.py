@@ -113,6 +113,9 @@ class MethodConfig:
     low_threshold: float = F(0.0, "labeled pixel confidence must exceed this to enter the low queue")
     confidence_split: bool = F(True, "CPG: queue high- and low-confidence pixels apart (False = the paper's ablation: each candidate goes to a random queue)")
     pseudo_threshold: float = F(0.8, "unlabeled teacher confidence >= this -> high queue; start of the loss threshold ramp")
+    unimatch_threshold: float = F(0.95, "UniMatch: confidence of the weak-view prediction above which a pixel supervises the strong views and the feature-perturbed stream")
+    unimatch_fp_dropout: float = F(0.5, "UniMatch: Dropout2d probability on the encoder features of the feature-perturbed stream")
+    unimatch_box_prob: float = F(0.5, "UniMatch: probability of a CutMix box per strong view and image")
     queue_len: int = F(30000, "capacity of each per-class high / low ring buffer")
     queue_device: str = F("train", "where the queues live: train (the training device) or cpu (the official code's choice: frees ~1.3 GB (VOC) / ~5 GB (COCO) of GPU memory; the initial k-means then runs on the CPU)", choices=("train", "cpu"))
     queue_dtype: str = F("float32", "storage dtype of the queued features (k-means computes in float32 either way)", choices=("float32", "bfloat16", "float16"))
@@ -203,7 +206,7 @@ _RANGES = {  # key: (lo, hi) inclusive; None = unbounded
     "data.brain_num_labeled": (1, None), "data.brain_image_size": (16, None), "data.brain_pool": (1, 4),
     "model.rep_dim": (1, None), "model.dropout": (0, 1),
     "method.ohem_thresh": (0, 1), "method.drop_percent": (0, 100), "method.ema_decay": (0, 1),
-    "method.high_threshold": (0, 1), "method.low_threshold": (0, 1), "method.pseudo_threshold": (0, 1),
+    "method.high_threshold": (0, 1), "method.unimatch_threshold": (0, 1), "method.unimatch_fp_dropout": (0, 1), "method.unimatch_box_prob": (0, 1), "method.low_threshold": (0, 1), "method.pseudo_threshold": (0, 1),
     "method.queue_len": (1, None), "method.high_prototype_num": (1, None), "method.low_prototype_num": (1, None),
     "method.add_num": (0, None), "method.add_proportion": (0, 1), "method.kmeans_restarts": (1, None),
     "method.kmeans_iters": (1, None), "method.prototype_ema_decay": (0, 1), "method.temperature": (1e-6, None),

@@ -21,11 +21,12 @@ from .config import Config, DataConfig, ConfigError, load_config, method_has
 __all__ = ['VOC_CLASSES', 'CITYSCAPES_CLASSES', 'COCO_CLASSES', 'DEMO_CLASSES', 'IMG_EXTS', 'SPLITS', 'voc_palette', 'colorize',
            'normalize', 'denormalize', 'DatasetError', 'Sample', 'read_split', 'cityscapes_label_path', 'parse_line',
            'read_samples', 'load_image', 'load_mask', 'check_mask', 'draw_scale', 'pad_crop', 'labeled_transform',
-           'color_jitter', 'gaussian_blur', 'unlabeled_transform', 'val_transform', 'SegDataset', 'LabeledDataset',
-           'UnlabeledDataset', 'ValDataset', 'default_cache_dir', 'Catalog', 'dataset_root', 'resolve_num_classes',
-           'dataset_catalog', 'validate_dataset', 'format_problems', 'build_datasets', 'image_modes', 'data_report',
-           'mix_seed', 'resample_indices', 'Resampled', 'SeededSampler', 'ShardSampler', 'seed_worker', 'pad_collate',
-           'unwrap_worker_error', 'SegLoader', 'build_loaders', 'loader_pass', 'cutmix_masks', 'apply_cutmix']
+           'color_jitter', 'gaussian_blur', 'strong_view', 'unlabeled_transform', 'val_transform', 'SegDataset',
+           'LabeledDataset', 'UnlabeledDataset', 'ValDataset', 'default_cache_dir', 'Catalog', 'dataset_root',
+           'resolve_num_classes', 'dataset_catalog', 'validate_dataset', 'format_problems', 'build_datasets',
+           'image_modes', 'data_report', 'mix_seed', 'resample_indices', 'Resampled', 'SeededSampler', 'ShardSampler',
+           'seed_worker', 'pad_collate', 'unwrap_worker_error', 'SegLoader', 'build_loaders', 'loader_pass',
+           'cutmix_masks', 'random_boxes', 'apply_cutmix']
 
 # %% ../nbs/01_data.ipynb #4556928b
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -261,8 +262,20 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return TF.gaussian_blur(x, [k, k], [sigma, sigma]) if k > 1 else x
 
 # %% ../nbs/01_data.ipynb #e329e48d
-def unlabeled_transform(img: torch.Tensor, dc: DataConfig, g: torch.Generator):
-    "uint8 [3,H,W] -> (weak float[3,c,c], strong float[3,c,c], valid long[c,c]) (docs/method.md §2.2)."
+def strong_view(weak: torch.Tensor, dc: DataConfig, g: torch.Generator) -> torch.Tensor:
+    "Photometric strong view of `weak` (float [3,c,c] in [0,1]): colour jitter, grayscale, blur, each with its probability."
+    strong = weak
+    if _u(g)[0] < dc.color_jitter_prob: strong = color_jitter(strong, dc.color_jitter, g)
+    if _u(g)[0] < dc.grayscale_prob: strong = TF.rgb_to_grayscale(strong, num_output_channels=3)
+    if _u(g)[0] < dc.blur_prob:
+        s0, s1 = dc.blur_sigma
+        strong = gaussian_blur(strong, s0 + (s1 - s0) * _u(g)[0])
+    return strong.clamp(0, 1)
+
+def unlabeled_transform(img: torch.Tensor, dc: DataConfig, g: torch.Generator, strong_views: int = 1):
+    """uint8 [3,H,W] -> (weak float[3,c,c], strong float[3,c,c], valid long[c,c]) (docs/method.md §2.2); with
+    `strong_views=2` a second, independent strong view follows (UniMatch), drawn after the first from the same stream."""
+    if strong_views not in (1, 2): raise ValueError(f"unlabeled_transform: strong_views must be 1 or 2, got {strong_views!r}")
     H, W = img.shape[-2:]
     L = max(H, W)
     lo, hi = int(dc.scale_range[0] * L), int(dc.scale_range[1] * L)
@@ -273,15 +286,9 @@ def unlabeled_transform(img: torch.Tensor, dc: DataConfig, g: torch.Generator):
     x, valid = pad_crop([x, valid], [0, 0], dc.crop_size, g, symmetric=False)
     if _u(g)[0] < dc.flip_prob: x, valid = x.flip(-1), valid.flip(-1)
     weak = x.float() / 255.0
-    strong = weak
-    if _u(g)[0] < dc.color_jitter_prob: strong = color_jitter(strong, dc.color_jitter, g)
-    if _u(g)[0] < dc.grayscale_prob: strong = TF.rgb_to_grayscale(strong, num_output_channels=3)
-    if _u(g)[0] < dc.blur_prob:
-        s0, s1 = dc.blur_sigma
-        strong = gaussian_blur(strong, s0 + (s1 - s0) * _u(g)[0])
-    strong = strong.clamp(0, 1)
-    return (normalize(weak * 255.0, dc.mean, dc.std).contiguous(), normalize(strong * 255.0, dc.mean, dc.std).contiguous(),
-            valid.contiguous())
+    strongs = [strong_view(weak, dc, g) for _ in range(strong_views)]
+    norm = lambda t: normalize(t * 255.0, dc.mean, dc.std).contiguous()
+    return (norm(weak), norm(strongs[0]), valid.contiguous(), *[norm(s) for s in strongs[1:]])
 
 # %% ../nbs/01_data.ipynb #e22ba27e
 def val_transform(img: torch.Tensor, mask: torch.Tensor, dc: DataConfig):
@@ -322,12 +329,14 @@ class LabeledDataset(SegDataset):
 
 # %% ../nbs/01_data.ipynb #84928119
 class UnlabeledDataset(SegDataset):
-    "Unlabeled images: `{'weak', 'strong', 'valid', 'id'}` after the docs/method.md §2.2 pipeline (no mask needed)."
+    """Unlabeled images: `{'weak', 'strong', 'valid', 'id'}` after the docs/method.md §2.2 pipeline (no mask needed),
+    plus `'strong2'` when `strong_views` is 2 (the trainer sets it from the method, e.g. UniMatch)."""
+    strong_views: int = 1
     def __getitem__(self, key):
         i, seed = self._key(key)
         img, _ = self.read(i, with_mask=False)
-        w, s, v = unlabeled_transform(img, self.dc, torch.Generator().manual_seed(seed))
-        return {"weak": w, "strong": s, "valid": v, "id": self.samples[i].id}
+        w, s, v, *more = unlabeled_transform(img, self.dc, torch.Generator().manual_seed(seed), self.strong_views)
+        return {"weak": w, "strong": s, "valid": v, "id": self.samples[i].id, **({"strong2": more[0]} if more else {})}
 
 # %% ../nbs/01_data.ipynb #efb813b7
 class ValDataset(SegDataset):
@@ -754,6 +763,23 @@ def cutmix_masks(batch_size: int, H: int, W: int, generator: torch.Generator | N
     xs = torch.arange(W, device=device).view(1, 1, W)
     v = lambda t: t.view(-1, 1, 1)
     return (ys >= v(y0)) & (ys < v(y0 + h)) & (xs >= v(x0)) & (xs < v(x0 + w))
+
+# %% ../nbs/01_data.ipynb #5d2f8b31
+def random_boxes(batch_size: int, H: int, W: int, p: float = 0.5, area=(0.02, 0.4), ratio=(0.3, 1 / 0.3),
+                 generator: torch.Generator | None = None, device=None, tries: int = 16) -> torch.Tensor:
+    "bool [B,H,W]: with probability `p` per sample a box of area U(`area`)·H·W and aspect h/w U(`ratio`) where it fits (UniMatch)."
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    u = torch.rand(batch_size, 2 + 3 * tries, generator=generator, device=gdev).to(device)
+    on = u[:, 0] < p
+    size = (area[0] + (area[1] - area[0]) * u[:, 1:2]) * H * W                       # [B,1]
+    r = ratio[0] + (ratio[1] - ratio[0]) * u[:, 2:2 + tries]                         # [B,T]
+    w, h = (size / r).sqrt().floor(), (size * r).sqrt().floor()
+    x0, y0 = (u[:, 2 + tries:2 + 2 * tries] * W).floor(), (u[:, 2 + 2 * tries:] * H).floor()
+    fit = (x0 + w <= W) & (y0 + h <= H)
+    k = torch.where(fit.any(1), fit.float().argmax(1), torch.full_like(fit[:, 0], tries - 1, dtype=torch.long))[:, None]
+    w, h, x0, y0 = (t.gather(1, k) .view(-1, 1, 1) for t in (w, h, x0, y0))
+    ys = torch.arange(H, device=device).view(1, H, 1); xs = torch.arange(W, device=device).view(1, 1, W)
+    return (ys >= y0) & (ys < y0 + h) & (xs >= x0) & (xs < x0 + w) & on.view(-1, 1, 1)
 
 # %% ../nbs/01_data.ipynb #a7afa66e
 def apply_cutmix(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

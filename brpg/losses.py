@@ -10,8 +10,8 @@ from .prototypes import PrototypeBank
 from .sampling import pick_confident, grid_points, pixel_points, gather_points
 
 # %% auto #0
-__all__ = ['ohem_ce', 'cross_entropy', 'supervised_loss', 'drop_percent_at', 'entropy_map', 'u2pl_unsup_loss', 'prototype_loss',
-           'prototype_step']
+__all__ = ['ohem_ce', 'cross_entropy', 'supervised_loss', 'drop_percent_at', 'entropy_map', 'u2pl_unsup_loss', 'confident_ce',
+           'prototype_loss', 'prototype_step']
 
 # %% ../nbs/07_losses.ipynb #fc0861a9
 def _masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -101,6 +101,13 @@ def u2pl_unsup_loss(logits: torch.Tensor, pseudo: torch.Tensor, entropy: torch.T
     B, _, H, W = logits.shape
     weight = (B * H * W) / keep.sum().clamp_min(1).float()
     return weight * _masked_mean(ce, keep)
+
+# %% ../nbs/07_losses.ipynb #b82d4f31
+def confident_ce(logits: torch.Tensor, target: torch.Tensor, conf: torch.Tensor, valid: torch.Tensor, threshold: float) -> torch.Tensor:
+    "Σ CE(logits, target) over pixels with `conf >= threshold` and `valid`, divided by the number of `valid` pixels (UniMatch's L_u)."
+    ce = F.cross_entropy(logits, target.long(), reduction="none")
+    keep = (conf >= threshold) & valid.bool()
+    return (ce * keep).sum() / valid.bool().sum().clamp_min(1)
 
 # %% ../nbs/07_losses.ipynb #942e5814
 def _proto_term(bank: PrototypeBank, feats: torch.Tensor, labels: torch.Tensor, temperature: float,

@@ -14,7 +14,8 @@ from . import data as bdata, sampling as bsampling, prototypes as bprotos, losse
 
 # %% auto #0
 __all__ = ['METHODS', 'VIEW_SAMPLE_SIZE', 'QUEUE_DTYPES', 'register_method', 'method_class', 'Method', 'Supervised',
-           'teacher_decay', 'ema_update_teacher', 'copy_params', 'MeanTeacher', 'BRPG']
+           'teacher_decay', 'ema_update_teacher', 'copy_params', 'MeanTeacher', 'Prototypes', 'BRPG', 'UniMatch',
+           'UniMatchBRPG']
 
 # %% ../nbs/07a_methods.ipynb #cb3a0dd3
 METHODS: dict[str, type] = {}
@@ -264,15 +265,14 @@ def step(self: MeanTeacher, batch: dict, it: int) -> dict:
     return {"loss": s.loss + 0.0 * s.rep.float().sum(), "loss_sup": s.loss_sup, "loss_unsup": s.loss_unsup}
 
 # %% ../nbs/07a_methods.ipynb #b68c487b
-@register_method
-class BRPG(MeanTeacher):
-    "Mean teacher + CPG (confidence-split queues, clustering), APO (extra prototypes) and `L_pro` (docs/method.md §4, docs/method.md §5)."
-    name = "brpg"
-    terms = ("loss", "loss_sup", "loss_unsup", "loss_proto")
+class Prototypes:
+    """BRPG's prototype module as a mixin, placed before a base method (`class BRPG(Prototypes, MeanTeacher)`): CPG
+    queues filled through `observe`, APO + clustering at epoch D+T, `L_pro` and the prototypes' EMA. The base method
+    supplies the semi phase and, per step, the student's features and pseudo-labels (`rep`, `B_l`, `y_l`, `conf_u`, `yhat_u`)."""
     uses_prototypes = True
 
     def build(self, student):
-        super().build(student)
+        super(Prototypes, self).build(student)
         from brpg.config import grid_num_for
         self.grid_num = grid_num_for(self.cfg)
         self.proto_init_iter = (self.m.sample_delay + self.m.sample_last) * self.ipe   # first iteration with prototypes
@@ -280,9 +280,15 @@ class BRPG(MeanTeacher):
         self.queues, self.bank_ready = None, False
         self.threshold(0)                        # a bad threshold ramp fails now, not at the first L_pro step
 
+@register_method
+class BRPG(Prototypes, MeanTeacher):
+    "Mean teacher + CPG (confidence-split queues, clustering), APO (extra prototypes) and `L_pro` (docs/method.md §4, docs/method.md §5)."
+    name = "brpg"
+    terms = ("loss", "loss_sup", "loss_unsup", "loss_proto")
+
 # %% ../nbs/07a_methods.ipynb #85652bac
 @patch
-def threshold(self: BRPG, it: int) -> float:
+def threshold(self: Prototypes, it: int) -> float:
     "The unlabeled-pixel threshold of `L_pro` at iteration `it` (docs/method.md §5.2: ramps from `pseudo_threshold`)."
     m = self.m
     try: return float(bsampling.loss_threshold(max(it, 0), self.ipe, self.cfg.trainer.epochs, m.pseudo_threshold,
@@ -291,13 +297,14 @@ def threshold(self: BRPG, it: int) -> float:
 
 # %% ../nbs/07a_methods.ipynb #8b5b09cc
 @patch
-def sampling_on(self: BRPG, epoch: int) -> bool:
+def sampling_on(self: Prototypes, epoch: int) -> bool:
     m = self.m
     return m.sample_delay <= epoch < m.sample_delay + m.sample_last or (m.recluster_every > 0 and epoch >= m.sample_delay)
 
 @patch
-def phase(self: BRPG, it: int) -> str:
-    if it < self.teacher_start: return "sup_only"
+def phase(self: Prototypes, it: int) -> str:
+    p = super(Prototypes, self).phase(it)      # the base method's: sup_only / semi
+    if p != "semi": return p
     if self.sampling_on(it // self.ipe) and not self.bank_ready: return "sampling"
     return "prototypes" if it >= self.proto_init_iter else "semi"
 
@@ -305,7 +312,7 @@ def phase(self: BRPG, it: int) -> str:
 QUEUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 @patch
-def new_queues(self: BRPG) -> dict:
+def new_queues(self: Prototypes) -> dict:
     "Empty high- and low-confidence queues (`[C, method.queue_len, D]` each) on `method.queue_device`, in `method.queue_dtype`."
     m, C, Dm = self.m, self.cfg.data.num_classes, self.cfg.model.rep_dim
     dev = self.tr.device if m.queue_device == "train" else torch.device("cpu")
@@ -316,7 +323,7 @@ def new_queues(self: BRPG) -> dict:
 # %% ../nbs/07a_methods.ipynb #d4ecca32
 @patch
 @torch.no_grad()
-def push(self: BRPG, lab_c, unl_c, batch_size: int):
+def push(self: Prototypes, lab_c, unl_c, batch_size: int):
     "Subsample this step's candidates (docs/method.md §4.2), gather them from every rank and push them into the queues."
     m = self.m
     if self.queues is None: self.queues = self.new_queues()
@@ -333,9 +340,9 @@ def push(self: BRPG, lab_c, unl_c, batch_size: int):
 # %% ../nbs/07a_methods.ipynb #7d878d83
 @patch
 @torch.no_grad()
-def begin_iteration(self: BRPG, it: int):
-    "Teacher hand-over; prototype initialisation at epoch D+T; re-clustering every `method.recluster_every`."
-    MeanTeacher.begin_iteration(self, it)
+def begin_iteration(self: Prototypes, it: int):
+    "The base method's hook, then prototype initialisation at epoch D+T; re-clustering every `method.recluster_every`."
+    super(Prototypes, self).begin_iteration(it)   # the base method first (the mean teacher: its hand-over)
     m = self.m
     if not self.bank_ready and it >= self.proto_init_iter:
         if self.queues is None:
@@ -352,7 +359,7 @@ def begin_iteration(self: BRPG, it: int):
 
 # %% ../nbs/07a_methods.ipynb #b88a593f
 @patch
-def prototype_terms(self: BRPG, s: SimpleNamespace, it: int):
+def prototype_terms(self: Prototypes, s: SimpleNamespace, it: int):
     "`L_pro` of one micro-batch (`brpg.losses.prototype_step`) and the prototypes' EMA update (after initialisation)."
     m, ign = self.m, self.cfg.data.ignore_index
     loss_proto, st = blosses.prototype_step(s.rep, s.B_l, s.y_l, s.conf_u, s.yhat_u, self.bank, self.threshold(it),
@@ -363,41 +370,117 @@ def prototype_terms(self: BRPG, s: SimpleNamespace, it: int):
 
 # %% ../nbs/07a_methods.ipynb #8340975d
 @patch
+def add_prototype_term(self: Prototypes, s: SimpleNamespace, it: int):
+    "`(loss, L_pro)`: `s.loss + λ_pro L_pro` once the bank exists (λ_pro divided by the world size if `proto_loss_divide_by_world_size`)."
+    if not self.bank_ready: return s.loss + 0.0 * s.rep.float().sum(), torch.zeros((), device=self.tr.device)
+    loss_proto = self.prototype_terms(s, it)
+    w = self.m.proto_loss_weight / (self.tr.world_size if self.m.proto_loss_divide_by_world_size else 1)
+    return s.loss + w * loss_proto, loss_proto
+
+@patch
 def step(self: BRPG, batch: dict, it: int) -> dict:
-    "`L = L_s + λ_u L_u + λ_pro L_pro` (λ_pro divided by the world size if `proto_loss_divide_by_world_size`)."
+    "`L = L_s + λ_u L_u + λ_pro L_pro`."
     zero = torch.zeros((), device=self.tr.device)
     if it < self.teacher_start: return {**self.supervised_terms(batch, it), "loss_unsup": zero, "loss_proto": zero}
     s = self.semi_forward(batch, it)
-    if not self.bank_ready: loss, loss_proto = s.loss + 0.0 * s.rep.float().sum(), zero
-    else:
-        loss_proto = self.prototype_terms(s, it)
-        w = self.m.proto_loss_weight / (self.tr.world_size if self.m.proto_loss_divide_by_world_size else 1)
-        loss = s.loss + w * loss_proto
+    loss, loss_proto = self.add_prototype_term(s, it)
     return {"loss": loss, "loss_sup": s.loss_sup, "loss_unsup": s.loss_unsup, "loss_proto": loss_proto}
 
 # %% ../nbs/07a_methods.ipynb #f9c68708
 @patch
-def log_fields(self: BRPG, it: int) -> dict:
+def log_fields(self: Prototypes, it: int) -> dict:
     r = {"threshold": self.threshold(it)}
     if self.queues is not None: r["queue_fill"] = int(self.queues["high"].counts.sum() + self.queues["low"].counts.sum())
     if self.bank_ready: r["num_prototypes"] = int(self.bank.num_prototypes)
     return r
 
 @patch
-def after_log(self: BRPG):
+def after_log(self: Prototypes):
     if self.bank_ready: self.tr.emit("on_prototypes_updated", self.bank)
 
 # %% ../nbs/07a_methods.ipynb #41edd3a2
 @patch
-def state_dict(self: BRPG) -> dict:
-    return {**MeanTeacher.state_dict(self), "bank": self.bank.state_dict(),
+def state_dict(self: Prototypes) -> dict:
+    return {**super(Prototypes, self).state_dict(), "bank": self.bank.state_dict(),
             "queues": {k: q.state_dict() for k, q in self.queues.items()} if self.queues is not None else None}
 
 @patch
-def load_state_dict(self: BRPG, ck: dict):
-    MeanTeacher.load_state_dict(self, ck)
+def load_state_dict(self: Prototypes, ck: dict):
+    super(Prototypes, self).load_state_dict(ck)
     if ck.get("bank") is not None:
         self.bank.load_state_dict(ck["bank"]); self.bank_ready = bool(self.bank.initialized)
     if ck.get("queues"):
         self.queues = self.new_queues()
         for k, q in self.queues.items(): q.load_state_dict(ck["queues"][k])
+
+# %% ../nbs/07a_methods.ipynb #e1f2a3b4
+@register_method
+class UniMatch(Method):
+    "UniMatch: the weak view's confident labels supervise two CutMix'ed strong views and a feature-perturbed stream; no teacher."
+    name = "unimatch"
+    terms = ("loss", "loss_sup", "loss_unsup", "loss_fp")
+    uses_unlabeled = True
+    strong_views = 2                        # the unlabeled loader yields `strong` and `strong2`
+
+    def build(self, student): self.semi_start = self.m.sup_only_epochs * self.ipe
+    def phase(self, it): return "sup_only" if it < self.semi_start else "semi"
+
+# %% ../nbs/07a_methods.ipynb #f2a3b4c5
+@patch
+def semi_forward(self: UniMatch, batch: dict, it: int) -> SimpleNamespace:
+    "UniMatch's losses of one micro-batch, with the network's features of the labeled and first strong view (for `L_pro`)."
+    m, ign, dev = self.m, self.cfg.data.ignore_index, self.tr.device
+    x_l, y_l = self.labeled_batch(batch)
+    u = batch["unlabeled"]
+    x_w, x_s1, x_s2 = (u[k].to(dev, non_blocking=True) for k in ("weak", "strong", "strong2"))
+    valid = u["valid"].to(dev, non_blocking=True).bool()
+    B_l, B_u, (H, W) = x_l.shape[0], x_w.shape[0], tuple(y_l.shape[-2:])
+    g = torch.Generator().manual_seed(seed_for(self.cfg.trainer.seed, self.tr.rank, it, 13))
+    box1, box2 = (bdata.random_boxes(B_u, H, W, m.unimatch_box_prob, generator=g, device=dev) for _ in range(2))
+    x_s1, x_s2 = bdata.apply_cutmix(x_s1, box1), bdata.apply_cutmix(x_s2, box2)
+    with self.tr.autocast():
+        out = self.tr.net(torch.cat([x_l, x_w]), fp_dropout=m.unimatch_fp_dropout)
+        out_s = self.tr.net(torch.cat([x_s1, x_s2]))
+    pred, rep = out["pred"], out["rep"]
+    pred_up = _up(pred.float(), (H, W))
+    loss_sup = blosses.supervised_loss(pred_up[:B_l], y_l, m, ign)
+    with torch.no_grad(): conf, yhat = pred_up[B_l:].softmax(1).max(1)
+    mixed = lambda box: [bdata.apply_cutmix(t, box) for t in (yhat, conf, valid)]
+    thr = m.unimatch_threshold
+    pred_s1, pred_s2 = _up(out_s["pred"].float(), (H, W)).chunk(2)
+    (y1, c1, v1), (y2, c2, v2) = mixed(box1), mixed(box2)
+    loss_s1 = blosses.confident_ce(pred_s1, y1, c1, v1, thr)
+    loss_s2 = blosses.confident_ce(pred_s2, y2, c2, v2, thr)
+    loss_fp = blosses.confident_ce(_up(out["pred_fp"][B_l:].float(), (H, W)), yhat, conf, valid, thr)
+    loss = (loss_sup + 0.25 * loss_s1 + 0.25 * loss_s2 + 0.5 * loss_fp) / 2
+    unl_c = None
+    if self.sampling_on(it // self.ipe) or self.wants_view(it):   # CPG candidates from the network's own weak view
+        unl_c = bsampling.unlabeled_candidates(torch.softmax(pred[B_l:].detach().float(), 1), rep[B_l:].detach(), m.pseudo_threshold)
+    self.observe(pred[:B_l], rep[:B_l], y_l, unl_c, it)
+    return SimpleNamespace(loss=loss, loss_sup=loss_sup, loss_unsup=(loss_s1 + loss_s2) / 2, loss_fp=loss_fp,
+                           rep_l=rep[:B_l], rep_s1=out_s["rep"][:B_u], y_l=y_l, conf_u=c1, yhat_u=y1, B_l=B_l, B_u=B_u)
+
+@patch
+def step(self: UniMatch, batch: dict, it: int) -> dict:
+    "Warm-up (if any): supervised terms; then `(L_s + ¼ L_s1 + ¼ L_s2 + ½ L_fp) / 2` (`loss_unsup` logs the strong views' mean)."
+    zero = torch.zeros((), device=self.tr.device)
+    if it < self.semi_start: return {**self.supervised_terms(batch, it), "loss_unsup": zero, "loss_fp": zero}
+    s = self.semi_forward(batch, it)
+    return {"loss": s.loss + 0.0 * s.rep_l.float().sum(), "loss_sup": s.loss_sup, "loss_unsup": s.loss_unsup, "loss_fp": s.loss_fp}
+
+# %% ../nbs/07a_methods.ipynb #c5d6e7f8
+@register_method
+class UniMatchBRPG(Prototypes, UniMatch):
+    "UniMatch + CPG / APO / `L_pro`: prototypes from the network's own weak-view predictions."
+    name = "unimatch_brpg"
+    terms = ("loss", "loss_sup", "loss_unsup", "loss_fp", "loss_proto")
+
+@patch
+def step(self: UniMatchBRPG, batch: dict, it: int) -> dict:
+    "UniMatch's loss `+ λ_pro L_pro` once the bank exists."
+    zero = torch.zeros((), device=self.tr.device)
+    if it < self.semi_start: return {**self.supervised_terms(batch, it), "loss_unsup": zero, "loss_fp": zero, "loss_proto": zero}
+    s = self.semi_forward(batch, it)
+    s.rep = torch.cat([s.rep_l, s.rep_s1])
+    loss, loss_proto = self.add_prototype_term(s, it)
+    return {"loss": loss, "loss_sup": s.loss_sup, "loss_unsup": s.loss_unsup, "loss_fp": s.loss_fp, "loss_proto": loss_proto}

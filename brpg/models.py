@@ -362,10 +362,17 @@ class Segmenter(nn.Module):
         for m in list(self.decoder.modules()) + list(self.classifier.modules()) + list(self.rep_head.modules()):
             if isinstance(m, nn.Conv2d): nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
 
-    def forward(self, x) -> dict:
+    def forward(self, x, fp_dropout: float = 0.0) -> dict:
+        """`{'pred', 'rep'}` at stride 4; with `fp_dropout` > 0 also `'pred_fp'`: the decoder and classifier on the encoder
+        features after channel dropout (UniMatch's feature perturbation), decoded in the same pass as the clean ones."""
         feats = self.backbone(x)
-        f = self.decoder(*[feats[i] for i in self.feat_idx])
-        return {"pred": self.classifier(f), "rep": self.rep_head(f)}
+        ins = [feats[i] for i in self.feat_idx]
+        if fp_dropout > 0: ins = [torch.cat([f, F.dropout2d(f, fp_dropout, training=True)]) for f in ins]
+        f = self.decoder(*ins)
+        if fp_dropout <= 0: return {"pred": self.classifier(f), "rep": self.rep_head(f)}
+        n = x.shape[0]
+        pred = self.classifier(f)
+        return {"pred": pred[:n], "rep": self.rep_head(f[:n]), "pred_fp": pred[n:]}
 
     def param_groups(self):
         "(backbone parameters, decoder + heads parameters) for the two learning-rate groups."

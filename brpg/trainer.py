@@ -94,6 +94,8 @@ def _build_data(self: Trainer):
     try: self.datasets = bdata.build_datasets(cfg)    # with data.validate: every problem, one line each
     except (bdata.DatasetError, ConfigError, OSError) as e: raise TrainerError(f"dataset: {e}") from None
     self.class_names = self.datasets["class_names"]
+    if self.datasets.get("unlabeled") is not None:   # the views per unlabeled image the method consumes (UniMatch: 2 strong)
+        self.datasets["unlabeled"].strong_views = getattr(method_class(cfg.method.name), "strong_views", 1)
     try: self.loaders = bdata.build_loaders(cfg, self.datasets, self.rank, self.world_size, seed=cfg.trainer.seed)
     except bdata.DatasetError as e: raise TrainerError(f"dataset: {e}") from None
 

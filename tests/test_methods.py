@@ -11,13 +11,15 @@ from brpg.methods import METHODS, MeanTeacher, Method, method_class, register_me
 from brpg.testing import tiny_demo_config
 from brpg.trainer import Trainer
 
-BUILTIN = ("supervised", "mean_teacher", "brpg")
+BUILTIN = ("supervised", "mean_teacher", "brpg", "unimatch", "unimatch_brpg")
 PHASES = {"supervised": ["supervised"] * 5, "mean_teacher": ["sup_only"] * 2 + ["semi"] * 3,
-          "brpg": ["sup_only"] * 2 + ["sampling"] * 2 + ["prototypes"]}      # 2 iterations per epoch, S = D = T = 1
+          "brpg": ["sup_only"] * 2 + ["sampling"] * 2 + ["prototypes"],
+          "unimatch": ["sup_only"] * 2 + ["semi"] * 3,
+          "unimatch_brpg": ["sup_only"] * 2 + ["sampling"] * 2 + ["prototypes"]}      # 2 iterations per epoch, S = D = T = 1
 
 
 def test_registry_holds_the_builtin_methods():
-    assert list(METHODS)[:3] == list(BUILTIN)
+    assert list(METHODS)[:len(BUILTIN)] == list(BUILTIN)
     assert all(issubclass(c, Method) and c.terms[0] == "loss" for c in METHODS.values())
     with pytest.raises(ConfigError, match="'method.name'.*not one of"): method_class("nope")
     with pytest.raises(ConfigError, match="method.name"): tiny_demo_config("nope")

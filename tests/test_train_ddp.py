@@ -1,4 +1,4 @@
-"""Two CPU processes (gloo) train BRPG through prototype initialisation and end with identical weights."""
+"""Two CPU processes (gloo) train BRPG and UniMatch + BRPG through prototype initialisation and end with identical weights."""
 import os, subprocess, sys, textwrap
 from pathlib import Path
 
@@ -15,24 +15,25 @@ WORKER = textwrap.dedent("""
     import sys, torch
     from brpg.trainer import Trainer
     from brpg.testing import tiny_demo_config
-    out, res = sys.argv[1], sys.argv[2]
+    out, res, method = sys.argv[1], sys.argv[2], sys.argv[3]
     torch.set_num_threads(1)
-    tr = Trainer(tiny_demo_config("brpg", ["trainer.epochs=3", "model.sync_bn=true"]), out_dir=out)
+    tr = Trainer(tiny_demo_config(method, ["trainer.epochs=3", "model.sync_bn=true"]), out_dir=out)
     assert tr.world_size == 2, tr.world_size
     r = tr.fit()
-    torch.save({"student": tr.student.state_dict(), "teacher": tr.method.teacher.state_dict(),
+    torch.save({"student": tr.student.state_dict(), "teacher": tr.method.teacher.state_dict() if hasattr(tr.method, "teacher") else {},
                 "bank": tr.method.bank.state_dict(), "summary": r,
                 "losses": [h["loss_sup"] for h in tr.history if h["type"] == "train"]}, res)
     tr.close()
 """)
 
 
-def test_two_process_ddp_identical_state(tmp_path, free_port):
+@pytest.mark.parametrize("method", ["brpg", "unimatch_brpg"])
+def test_two_process_ddp_identical_state(tmp_path, free_port, method):
     port, out = free_port, tmp_path / "run"
     procs = []
     for rank in range(2):
         env = dict(os.environ, **dist_env(rank, 2, port), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(out), str(tmp_path / f"rank{rank}.pt")],
+        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(out), str(tmp_path / f"rank{rank}.pt"), method],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     logs = []
     for p in procs:
