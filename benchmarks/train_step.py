@@ -26,7 +26,7 @@ confident, and the measured cost would otherwise understate a trained run's. Pas
 import argparse, json, os, resource, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 
-METHODS = ("supervised", "mean_teacher", "brpg")
+METHODS = ("supervised", "mean_teacher", "brpg", "unimatch", "unimatch_brpg")
 
 
 def _overrides(a, method):
@@ -36,7 +36,7 @@ def _overrides(a, method):
           f"trainer.amp={a.amp}", "method.grid_num=0"]   # grid_num=0: the labeled grid derived from the crop
     if a.crop > 81:  # the demo images are 96 px: grow them so a large crop holds real pixels, not padding
         ov.append(f"data.demo_image_size={a.crop + 15}")
-    if method == "brpg" and a.unsup_threshold >= 0:
+    if method in ("brpg", "unimatch_brpg") and a.unsup_threshold >= 0:
         ov += [f"method.pseudo_threshold={a.unsup_threshold}", f"method.threshold_ramp_end={a.unsup_threshold}"]
     return ov + list(a.set)
 
@@ -58,10 +58,11 @@ def run_one(a, method) -> dict:
         dev = tr.device
         # the iteration at which each method does its full work: semi phase (MT), prototype phase (BRPG)
         m = tr.method
-        it = m.proto_init_iter if method == "brpg" else (m.teacher_start if method == "mean_teacher" else 0)
+        protos = getattr(m, "uses_prototypes", False)
+        it = m.proto_init_iter if protos else getattr(m, "teacher_start", getattr(m, "semi_start", 0))
         epoch = it // tr.iters_per_epoch
         batch = next(tr._epoch_stream(epoch, 0))
-        if method == "brpg":  # fill the queues as the sampling epoch would, then initialise the bank
+        if protos:  # fill the queues as the sampling epoch would, then initialise the bank
             C, D = cfg.data.num_classes, cfg.model.rep_dim
             g = torch.Generator(device="cpu").manual_seed(0)
             m.queues = m.new_queues()
@@ -100,7 +101,7 @@ def run_one(a, method) -> dict:
             res["peak_rss_mb"] = _maxrss_mb()
             res["rss_growth_mb"] = _maxrss_mb() - rss0
             res["mem_kind"] = "ru_maxrss: process peak RSS, and its growth during warm-up + timed iterations"
-        if method == "brpg": res["num_prototypes"] = int(m.bank.num_prototypes)
+        if getattr(m, "uses_prototypes", False): res["num_prototypes"] = int(m.bank.num_prototypes)
         return res
 
 
@@ -138,10 +139,11 @@ def main(argv=None):
         print(f"{r['method']:<14} {r['phase']:<11} {r['median_s']:11.4f} {r['min_s']:9.4f} {r['median_cpu_s']:9.4f} {r[mem_key]:14.1f}"
               + (f"  {r['peak_rss_mb']:11.1f}" if mem_key == "rss_growth_mb" else ""))
     by = {r["method"]: r for r in results}
-    if "brpg" in by and "mean_teacher" in by:
-        ratio = by["brpg"]["median_s"] / by["mean_teacher"]["median_s"]
-        cr = by["brpg"]["median_cpu_s"] / by["mean_teacher"]["median_cpu_s"]
-        print(f"BRPG / mean teacher time per iteration: {ratio:.3f} wall, {cr:.3f} CPU time  (memory {by['brpg'][mem_key]:.1f} vs {by['mean_teacher'][mem_key]:.1f} MB)")
+    for a_, b_ in (("brpg", "mean_teacher"), ("unimatch_brpg", "unimatch"), ("unimatch", "mean_teacher")):
+        if a_ in by and b_ in by:
+            ratio = by[a_]["median_s"] / by[b_]["median_s"]
+            cr = by[a_]["median_cpu_s"] / by[b_]["median_cpu_s"]
+            print(f"{a_} / {b_} time per iteration: {ratio:.3f} wall, {cr:.3f} CPU time  (memory {by[a_][mem_key]:.1f} vs {by[b_][mem_key]:.1f} MB)")
     if a.json: Path(a.json).write_text(json.dumps(results, indent=2))
     return 0
 

@@ -73,3 +73,30 @@ def test_a_step_missing_a_declared_term_is_named(tmp_path):
         with pytest.raises(Exception, match=r"test_forgetful.*\['loss_extra'\]"): tr.fit()
     finally:
         del METHODS["test_forgetful"]
+
+
+@pytest.mark.parametrize("config,expected", [
+    ("voc/unimatch_366", {"method.name": "unimatch", "data.crop_size": 321, "data.batch_size_unlabeled": 2,
+                          "model.output_stride": 16, "model.aspp_dilations": [6, 12, 18], "method.ce_weight": 1.0,
+                          "method.ohem_weight": 0.0, "eval.mode": "whole", "trainer.epochs": 80, "trainer.head_lr_mult": 10.0}),
+    ("cityscapes/unimatch_744", {"method.name": "unimatch", "data.crop_size": 801, "data.batch_size_unlabeled": 1,
+                                 "model.output_stride": 8, "method.ce_weight": 0.0, "method.ohem_weight": 1.0,
+                                 "method.ohem_min_kept": 100000, "trainer.epochs": 240, "trainer.lr": 0.005,
+                                 "trainer.head_lr_mult": 1.0, "trainer.weight_decay": 0.0001}),
+])
+def test_unimatch_configs_mirror_the_published_settings(config, expected):
+    from brpg.config import check_crop_keys, load_config
+    cfg = load_config(config)
+    common = {"method.sup_only_epochs": 0, "method.unimatch_threshold": 0.95, "method.unimatch_fp_dropout": 0.5,
+              "method.unimatch_box_prob": 0.5, "trainer.lr": cfg.trainer.lr}
+    for key, want in {**common, **expected}.items():
+        sec, field = key.split(".")
+        assert getattr(getattr(cfg, sec), field) == want, key
+    check_crop_keys(load_config(config, ["method.name=unimatch_brpg"]), warn=False)   # switching to the BRPG variant just works
+
+
+def test_unimatch_keys_are_checked():
+    from brpg.config import load_config
+    for key in ("unimatch_threshold", "unimatch_fp_dropout", "unimatch_box_prob"):
+        with pytest.raises(ConfigError, match=f"method.{key}.*outside"):
+            load_config("demo", [f"method.{key}=1.5"])
