@@ -26,11 +26,12 @@ def apo_dispersion(feats: torch.Tensor, mask: torch.Tensor, measure: str = "cos_
     m = mask.to(x.dtype)
     n = m.sum(1)
     norms = x.norm(dim=-1)                                              # [G,Q]
-    if measure == "l2_norm":
-        x = x / norms.clamp_min(1e-8)[..., None]
-        norms = x.norm(dim=-1)
     mean = torch.einsum("gq,gqd->gd", m, x) / n.clamp_min(1)[:, None]  # raw mean per group
     dots = torch.einsum("gqd,gd->gq", x, mean)
+    if measure == "l2_norm":   # unit features against the unit raw mean: |x/|x| - μ/|μ||² = 2 - 2 cos(x, μ)
+        mn = mean.norm(dim=-1).clamp_min(1e-8)
+        dots = dots / (norms.clamp_min(1e-8) * mn[:, None])
+        norms, mean = torch.ones_like(norms), mean / mn[:, None]
     if measure == "cos_sim":
         cos = dots / (norms.clamp_min(1e-8) * mean.norm(dim=-1).clamp_min(1e-8)[:, None])
         disp = -(cos * m).sum(1) / n.clamp_min(1)                       # low mean cosine = dispersed
