@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['hash_uniform', 'KMeansResult', 'batched_kmeans']
+__all__ = ['hash_uniform', 'KMeansResult', 'batched_kmeans', 'minibatch_kmeans']
 
 # %% ../nbs/05_clustering.ipynb #466736ec
 _M32 = 0xFFFFFFFF
@@ -264,3 +264,26 @@ def batched_kmeans(x: torch.Tensor, mask: torch.Tensor | None = None, k=2, resta
         if init.shape != (G, K, D): raise ValueError(f"batched_kmeans: init must be [{G}, {K}, {D}], got {tuple(init.shape)}")
         restarts = 1
     return _batched_kmeans(x, mask, kt, K, restarts, iters, tol, seed, init, check_every, chunk_elems, dtype, sample)
+
+# %% ../nbs/05_clustering.ipynb #8b7c6d5e
+def minibatch_kmeans(x: torch.Tensor, mask: torch.Tensor | None = None, k=2, batch_size: int = 100, n_init: int = 3,
+                     seed: int = 0) -> KMeansResult:
+    "scikit-learn `MiniBatchKMeans` per group of `x[G,N,D]` (the official initial clustering), as a `KMeansResult`."
+    from sklearn.cluster import MiniBatchKMeans
+    G, N, D = x.shape
+    mask = torch.ones(G, N, dtype=torch.bool, device=x.device) if mask is None else mask.bool()
+    kt = torch.as_tensor(k, dtype=torch.long).expand(G).cpu() if not torch.is_tensor(k) else k.cpu().long().expand(G)
+    K = int(kt.max()) if G else 0
+    centers = torch.zeros(G, K, D, dtype=x.dtype); cmask = torch.zeros(G, K, dtype=torch.bool)
+    labels = torch.full((G, N), -1, dtype=torch.long); inertia = torch.zeros(G)
+    xs, ms = x.detach().cpu(), mask.cpu()
+    for g in range(G):
+        rows = ms[g].nonzero().flatten()
+        ke = min(int(kt[g]), len(rows))
+        if ke == 0: continue
+        pts = xs[g, rows].double().numpy()
+        km = MiniBatchKMeans(n_clusters=ke, batch_size=batch_size, n_init=n_init, random_state=seed).fit(pts)
+        centers[g, :ke] = torch.from_numpy(km.cluster_centers_).to(x.dtype); cmask[g, :ke] = True
+        labels[g, rows] = torch.from_numpy(km.labels_).long(); inertia[g] = float(km.inertia_)
+    dev = x.device
+    return KMeansResult(centers.to(dev), cmask.to(dev), labels.to(dev), inertia.to(dev))

@@ -131,6 +131,8 @@ class MethodConfig:
     kmeans_iters: int = F(100, "maximum Lloyd iterations per restart")
     kmeans_tol: float = F(1e-4, "relative inertia change that stops Lloyd iterations")
     kmeans_seed: int = F(0, "k-means seed (official random_state=0)")
+    kmeans_algorithm: str = F("torch", "initial clustering: torch (batched k-means++ and Lloyd, CPU/GPU) or minibatch (scikit-learn MiniBatchKMeans per queue on the CPU, the official code's)", choices=("torch", "minibatch"))
+    kmeans_batch_size: int = F(100, "minibatch: MiniBatchKMeans batch size (the official scikit-learn 0.20 default); n_init = method.kmeans_restarts")
     prototype_ema_decay: float = F(0.99, "alpha of the prototype EMA update")
     fault_weight: float = F(1.0, "EMA weight of pixels the prototype classifier gets wrong (1 = official, no effect)")
     recluster_every: int = F(0, "re-cluster prototypes from live queues every N iterations (0 = never, official)")
@@ -209,7 +211,7 @@ _RANGES = {  # key: (lo, hi) inclusive; None = unbounded
     "method.high_threshold": (0, 1), "method.unimatch_threshold": (0, 1), "method.unimatch_fp_dropout": (0, 1), "method.unimatch_box_prob": (0, 1), "method.low_threshold": (0, 1), "method.pseudo_threshold": (0, 1),
     "method.queue_len": (1, None), "method.high_prototype_num": (1, None), "method.low_prototype_num": (1, None),
     "method.add_num": (0, None), "method.add_proportion": (0, 1), "method.kmeans_restarts": (1, None),
-    "method.kmeans_iters": (1, None), "method.prototype_ema_decay": (0, 1), "method.temperature": (1e-6, None),
+    "method.kmeans_iters": (1, None), "method.kmeans_batch_size": (1, None), "method.prototype_ema_decay": (0, 1), "method.temperature": (1e-6, None),
     "method.grid_num": (0, None), "method.unsup_sample_num": (0, None), "method.threshold_ramp_end": (0, 1),
     "method.sup_only_epochs": (0, None), "method.sample_delay": (0, None), "method.sample_last": (1, None),
     "method.recluster_every": (0, None), "method.proto_loss_weight": (0, None),
@@ -394,16 +396,22 @@ def _merge(base: dict, over: dict) -> dict:
 
 # %% ../nbs/00_config.ipynb #7ee15c1b
 def _read_yaml(p: Path, seen=()) -> dict:
-    "Read a config file, following its optional `_base_` (a path relative to the file) first."
+    """Read a config file, following its optional `_base_` first: a path relative to the file, or a list of them merged
+    in order (later ones win), e.g. `_base_: [classic_366.yaml, ../official.yaml]` for a dataset config + the official preset."""
     if p in seen: raise ConfigError(f"{p}: circular _base_ chain {[str(s) for s in seen]}")
     try: d = _yaml_load(p.read_text()) or {}
     except yaml.YAMLError as e: raise ConfigError(f"{p}: invalid YAML: {e}") from None
     if not isinstance(d, dict): raise ConfigError(f"{p}: top level must be a mapping")
     base = d.pop("_base_", None)
     if base is None: return d
-    bp = (p.parent / base).resolve()
-    if not bp.exists(): raise ConfigError(f"{p}: _base_ file '{base}' not found (looked at {bp})")
-    return _merge(_read_yaml(bp, seen + (p,)), d)
+    bases = base if isinstance(base, list) else [base]
+    out = {}
+    for b in bases:
+        if not isinstance(b, str): raise ConfigError(f"{p}: _base_ entries must be file names, got {b!r}")
+        bp = (p.parent / b).resolve()
+        if not bp.exists(): raise ConfigError(f"{p}: _base_ file '{b}' not found (looked at {bp})")
+        out = _merge(out, _read_yaml(bp, seen + (p,)))
+    return _merge(out, d)
 
 # %% ../nbs/00_config.ipynb #6a2328f8
 def load_config(path=None, overrides: list[str] | None = None, source: str | None = None) -> Config:

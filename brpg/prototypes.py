@@ -9,7 +9,7 @@ import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
 import torch.distributed as dist
 from .config import MethodConfig
-from .clustering import batched_kmeans
+from .clustering import batched_kmeans, minibatch_kmeans
 from fastcore.basics import patch
 
 # %% auto #0
@@ -227,8 +227,12 @@ def _cluster_queues(self: PrototypeBank, high_feats, high_mask, low_feats, low_m
     bh = borrow_h.nonzero().flatten().to(hf.device); bl = borrow_l.nonzero().flatten().to(hf.device)
     x[bh] = lf[bh]; m[bh] = lm[bh]; x[C + bl] = hf[bl]; m[C + bl] = hm[bl]
     k = torch.cat([k_h, k_l]).to(hf.device)
-    res = batched_kmeans(x, m, k, restarts=method_cfg.kmeans_restarts, iters=method_cfg.kmeans_iters,
-                         tol=method_cfg.kmeans_tol, seed=method_cfg.kmeans_seed)
+    if method_cfg.kmeans_algorithm == "minibatch":   # the official path (paper-exact preset)
+        res = minibatch_kmeans(x, m, k, batch_size=method_cfg.kmeans_batch_size, n_init=method_cfg.kmeans_restarts,
+                               seed=method_cfg.kmeans_seed)
+    else:
+        res = batched_kmeans(x, m, k, restarts=method_cfg.kmeans_restarts, iters=method_cfg.kmeans_iters,
+                             tol=method_cfg.kmeans_tol, seed=method_cfg.kmeans_seed)
     cm = res.center_mask & (torch.arange(res.centers.shape[1], device=k.device)[None] < k[:, None])
     ch, vh = _fit_slots(res.centers[:C], cm[:C], self.max_high)
     cl, vl = _fit_slots(res.centers[C:], cm[C:], self.max_low)

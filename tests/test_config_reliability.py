@@ -174,3 +174,42 @@ def test_python_error_says_override():
     assert str(e.value).startswith("override 'trainer.lrr=1'")
     with pytest.raises(ConfigError) as e: apply_overrides(Config(), ["trainer.lr=fast"], source="sweep.json")
     assert str(e.value).startswith("sweep.json: ")
+
+
+OFFICIAL = {"data.label_pad_value": 0, "model.backbone": "resnet101_deep", "model.multi_grid": [2, 2, 4],
+            "method.sync_prototypes": False, "method.proto_loss_weight": 1.0,
+            "method.proto_loss_divide_by_world_size": True, "method.kmeans_algorithm": "minibatch",
+            "method.kmeans_batch_size": 100, "method.kmeans_restarts": 3, "method.kmeans_seed": 0,
+            "method.fault_weight": 1.0, "method.teacher_copy_bn": False, "method.recluster_every": 0,
+            "method.min_queue_samples": 0, "trainer.amp": "fp16"}
+
+
+def _flat(d, pre=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict): out.update(_flat(v, f"{pre}{k}."))
+        else: out[f"{pre}{k}"] = v
+    return out
+
+
+def test_official_preset_switches_every_deviation_back():
+    import yaml
+    from brpg.config import CONFIG_DIR, load_config
+    cfg, voc = _flat(load_config("voc/official_366").to_dict()), _flat(load_config("voc/classic_366").to_dict())
+    for key, want in OFFICIAL.items():
+        assert cfg[key] == want, key
+    preset = _flat(yaml.safe_load((Path(CONFIG_DIR) / "official.yaml").read_text()))
+    assert set(preset) == set(OFFICIAL)                       # the test names every key the preset switches
+    changed = {k for k in cfg if cfg[k] != voc[k]}
+    assert changed <= set(OFFICIAL) | {"trainer.out_dir"}, changed - set(OFFICIAL)
+    assert cfg["data.split_dir"] == voc["data.split_dir"]     # the dataset part stays the VOC config's
+
+
+@pytest.mark.slow
+def test_official_clustering_trains_into_the_prototype_phase(tmp_path):
+    from brpg.testing import tiny_demo_config
+    from brpg.trainer import Trainer
+    tr = Trainer(tiny_demo_config("brpg", ["method.kmeans_algorithm=minibatch", "trainer.max_iters=5"]), out_dir=tmp_path)
+    tr.fit(); tr.close()
+    assert tr.method.bank_ready and int(tr.method.bank.valid.sum()) > 0
+    assert [h["phase"] for h in tr.history if h["type"] == "train"][-1] == "prototypes"
