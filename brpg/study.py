@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['VARIANTS', 'MAIN', 'LABELS', 'SUMMARY_KEYS', 'StudyError', 'study_config', 'unlabeled_with_truth', 'test_split',
-           'pseudo_label_quality', 'prototype_quality', 'Recorder', 'loss_shares', 'train_one', 'summarize',
-           'paired_delta', 'results_table', 'delta_lines', 'results_markdown', 'plot_curves', 'test_predictions',
-           'plot_predictions', 'run_study']
+__all__ = ['VARIANTS', 'MAIN', 'COMPARISONS', 'LABELS', 'SUMMARY_KEYS', 'StudyError', 'study_config', 'unlabeled_with_truth',
+           'test_split', 'pseudo_label_quality', 'prototype_quality', 'Recorder', 'loss_shares', 'train_one',
+           'summarize', 'paired_delta', 'results_table', 'delta_lines', 'results_markdown', 'plot_curves',
+           'test_predictions', 'plot_predictions', 'run_study']
 
 # %% ../nbs/10a_study.ipynb #1eda1cea
 VARIANTS = {
@@ -21,13 +21,18 @@ VARIANTS = {
     "brpg": ("brpg", ()),
     "brpg_random_sampling": ("brpg", ("method.confidence_split=false",)),
     "brpg_no_apo": ("brpg", ("method.proto_add=false",)),
+    "unimatch": ("unimatch", ()),
+    "unimatch_brpg": ("unimatch_brpg", ()),
 }
 
 MAIN = ("supervised", "mean_teacher", "brpg")
+# the paired comparisons a study reports (each where both methods ran): the two of the paper, and BRPG on the UniMatch base
+COMPARISONS = (("mean_teacher", "supervised"), ("brpg", "mean_teacher"), ("unimatch", "mean_teacher"), ("unimatch_brpg", "unimatch"))
 
 # %% ../nbs/10a_study.ipynb #05448d97
 LABELS = {"supervised": "supervised only", "mean_teacher": "mean teacher", "brpg": "BRPG",
-          "brpg_random_sampling": "BRPG, random sampling (no CPG)", "brpg_no_apo": "BRPG without APO"}
+          "brpg_random_sampling": "BRPG, random sampling (no CPG)", "brpg_no_apo": "BRPG without APO",
+          "unimatch": "UniMatch", "unimatch_brpg": "UniMatch + BRPG"}
 
 # %% ../nbs/10a_study.ipynb #3b75d8b8
 class StudyError(ValueError):
@@ -227,7 +232,7 @@ def delta_lines(runs) -> list[str]:
     "One line per main comparison and checkpoint (val-chosen, last): the paired test-mIoU delta against the seed spread."
     out = []
     for key, what in (("test_miou", "test mIoU"), ("test_last_miou", "test mIoU of the last checkpoint")):
-        for a, b in (("mean_teacher", "supervised"), ("brpg", "mean_teacher")):
+        for a, b in COMPARISONS:
             d = paired_delta(runs, a, b, key)
             if d: out.append(f"{LABELS[a]} − {LABELS[b]}: {100 * d['mean']:+.2f} ± {100 * d['std']:.2f} {what} over seeds "
                              f"{d['seeds']} (seed std {100 * d['bar']:.2f}: {'beyond' if d['beats_spread'] else 'within'} the spread)")
@@ -317,8 +322,8 @@ def run_study(out="runs/demo", config="brain", variants=MAIN, seeds=None, iters=
     summary = summarize(runs); table = results_table(summary); deltas = delta_lines(runs)
     res = {"dataset": cfg0.data.dataset, "config": str(config), "overrides": list(overrides), "iters": iters, "seeds": seeds,
            "methods": list(variants), "total_wall_s": time.time() - t_all, "torch_threads": torch.get_num_threads(),
-           "summary": summary, "deltas": {f"{a}-{b}:{k}": paired_delta(runs, a, b, k) for k in ("test_miou", "test_last_miou")
-                                          for a, b in (("mean_teacher", "supervised"), ("brpg", "mean_teacher"))}, "runs": runs}
+           "summary": summary, "deltas": {f"{a}-{b}:{k}": d for k in ("test_miou", "test_last_miou") for a, b in COMPARISONS
+                                          if (d := paired_delta(runs, a, b, k)) is not None}, "runs": runs}
     save_config(cfg0, out / "config.yaml")
     (out / "results.json").write_text(json.dumps(res, indent=1))
     (out / "results.md").write_text(f"# brpg study: {cfg0.data.dataset}\n\nconfig `{config}`, overrides {list(overrides)}, "

@@ -52,8 +52,8 @@ def test_summary_and_paired_delta():
 
 
 def test_demo_cli_rejects_unknown_method():
-    r = subprocess.run([sys.executable, "-m", "brpg.cli", "demo", "--methods", "unimatch", "--out", "/tmp/x"], capture_output=True, text=True)
-    assert r.returncode == 2 and "unimatch" in r.stderr and "brpg_no_apo" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "brpg.cli", "demo", "--methods", "fixmatch", "--out", "/tmp/x"], capture_output=True, text=True)
+    assert r.returncode == 2 and "fixmatch" in r.stderr and "brpg_no_apo" in r.stderr and "unimatch_brpg" in r.stderr
 
 
 @pytest.mark.slow
@@ -67,3 +67,16 @@ def test_study_on_a_dataset_without_test_split(tmp_path):
     assert "test_miou" not in r and r["val_best_miou"] is not None
     assert "| supervised only | 1 | n/a |" in (tmp_path / "out" / "results.md").read_text()
     assert (tmp_path / "out" / "predictions.png").is_file()
+
+
+@pytest.mark.slow
+def test_study_runs_the_unimatch_methods_and_pairs_them(tmp_path):
+    "UniMatch and UniMatch + BRPG join a study like any method; their paired delta is reported."
+    res = run_study(tmp_path / "out", "brain", ("unimatch", "unimatch_brpg"), seeds=[0], iters=6, overrides=FAST,
+                    n_examples=0, log=lambda m: None)
+    by = {r["method"]: r for r in res["runs"]}
+    assert set(by) == {"unimatch", "unimatch_brpg"} and all(0 <= r["test_miou"] <= 1 for r in by.values())
+    assert by["unimatch_brpg"]["loss_shares"]["logged"] >= 1 and by["unimatch_brpg"]["prototypes_final"] is not None
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "unimatch_brpg-unimatch:test_miou" in saved["deltas"] and "brpg-mean_teacher:test_miou" not in saved["deltas"]
+    assert "UniMatch + BRPG − UniMatch" in (tmp_path / "out" / "results.md").read_text()
