@@ -133,6 +133,9 @@ class MethodConfig:
     kmeans_seed: int = F(0, "k-means seed (official random_state=0)")
     kmeans_algorithm: str = F("torch", "initial clustering: torch (batched k-means++ and Lloyd, CPU/GPU) or minibatch (scikit-learn MiniBatchKMeans per queue on the CPU, the official code's)", choices=("torch", "minibatch"))
     kmeans_batch_size: int = F(100, "minibatch: MiniBatchKMeans batch size (the official scikit-learn 0.20 default); n_init = method.kmeans_restarts")
+    back_queue: bool = F(False, "COCO (official): a third queue per class of every labeled pixel, kept by ground-truth-class confidence, that fills high/low queues holding fewer than method.back_queue_min rows at initialisation")
+    back_queue_len: int = F(60000, "rows per class of the back queue (official: 2 x queue_len)")
+    back_queue_min: int = F(10, "a high or low queue with fewer rows than this is filled from the back queue at initialisation")
     prototype_ema_decay: float = F(0.99, "alpha of the prototype EMA update")
     fault_weight: float = F(1.0, "EMA weight of pixels the prototype classifier gets wrong (1 = official, no effect)")
     recluster_every: int = F(0, "re-cluster prototypes from live queues every N iterations (0 = never, official)")
@@ -211,7 +214,7 @@ _RANGES = {  # key: (lo, hi) inclusive; None = unbounded
     "method.high_threshold": (0, 1), "method.unimatch_threshold": (0, 1), "method.unimatch_fp_dropout": (0, 1), "method.unimatch_box_prob": (0, 1), "method.low_threshold": (0, 1), "method.pseudo_threshold": (0, 1),
     "method.queue_len": (1, None), "method.high_prototype_num": (1, None), "method.low_prototype_num": (1, None),
     "method.add_num": (0, None), "method.add_proportion": (0, 1), "method.kmeans_restarts": (1, None),
-    "method.kmeans_iters": (1, None), "method.kmeans_batch_size": (1, None), "method.prototype_ema_decay": (0, 1), "method.temperature": (1e-6, None),
+    "method.kmeans_iters": (1, None), "method.kmeans_batch_size": (1, None), "method.back_queue_len": (1, None), "method.back_queue_min": (0, None), "method.prototype_ema_decay": (0, 1), "method.temperature": (1e-6, None),
     "method.grid_num": (0, None), "method.unsup_sample_num": (0, None), "method.threshold_ramp_end": (0, 1),
     "method.sup_only_epochs": (0, None), "method.sample_delay": (0, None), "method.sample_last": (1, None),
     "method.recluster_every": (0, None), "method.proto_loss_weight": (0, None),

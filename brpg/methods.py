@@ -14,8 +14,8 @@ from . import data as bdata, sampling as bsampling, prototypes as bprotos, losse
 
 # %% auto #0
 __all__ = ['METHODS', 'VIEW_SAMPLE_SIZE', 'QUEUE_DTYPES', 'register_method', 'method_class', 'Method', 'Supervised',
-           'teacher_decay', 'ema_update_teacher', 'copy_params', 'MeanTeacher', 'Prototypes', 'BRPG', 'UniMatch',
-           'UniMatchBRPG']
+           'teacher_decay', 'ema_update_teacher', 'copy_params', 'MeanTeacher', 'Prototypes', 'BRPG',
+           'fill_short_queues', 'UniMatch', 'UniMatchBRPG']
 
 # %% ../nbs/07a_methods.ipynb #cb3a0dd3
 METHODS: dict[str, type] = {}
@@ -313,11 +313,12 @@ QUEUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 @patch
 def new_queues(self: Prototypes) -> dict:
-    "Empty high- and low-confidence queues (`[C, method.queue_len, D]` each) on `method.queue_device`, in `method.queue_dtype`."
+    "Empty high- and low-confidence queues (`[C, method.queue_len, D]` each; with `method.back_queue` also COCO's back queue) on `method.queue_device`, in `method.queue_dtype`."
     m, C, Dm = self.m, self.cfg.data.num_classes, self.cfg.model.rep_dim
     dev = self.tr.device if m.queue_device == "train" else torch.device("cpu")
-    return {k: bsampling.ClassQueues(C, Dm, m.queue_len, device=dev, dtype=QUEUE_DTYPES[m.queue_dtype])
-            for k in ("high", "low")}
+    q = {k: bsampling.ClassQueues(C, Dm, m.queue_len, device=dev, dtype=QUEUE_DTYPES[m.queue_dtype]) for k in ("high", "low")}
+    if m.back_queue: q["back"] = bsampling.ConfidenceQueues(C, Dm, m.back_queue_len, device=dev, dtype=QUEUE_DTYPES[m.queue_dtype])
+    return q
 
 
 # %% ../nbs/07a_methods.ipynb #d4ecca32
@@ -337,6 +338,50 @@ def push(self: Prototypes, lab_c, unl_c, batch_size: int):
         f, l, c = bsampling.all_gather_rows(f.float(), l, c.float())   # every rank holds identical queues
         self.queues[key].push(f, l, c)
 
+# %% ../nbs/07a_methods.ipynb #5a6b7c8d
+@patch
+@torch.no_grad()
+def observe(self: Prototypes, pred, rep, y_l, unl_c, it: int):
+    "The base's candidates to the queues and views; with `method.back_queue`, every labeled pixel to the back queue too."
+    super(Prototypes, self).observe(pred, rep, y_l, unl_c, it)
+    if self.m.back_queue and self.sampling_on(it // self.ipe): self.push_back(pred, rep, y_l)
+
+@patch
+@torch.no_grad()
+def push_back(self: Prototypes, pred, rep, y_l):
+    "Labeled stride-4 pixels scored by their ground-truth class's probability, ≤ `sample_pixel_num` per class, from every rank."
+    m, C, ign = self.m, self.cfg.data.num_classes, self.cfg.data.ignore_index
+    if self.queues is None: self.queues = self.new_queues()
+    g = bsampling.downsample_labels(y_l, pred.shape[-2:]).flatten()
+    ok = (g != ign) & (g >= 0) & (g < C)
+    prob = torch.softmax(pred.detach().float(), 1).permute(0, 2, 3, 1).reshape(-1, C)[ok]
+    f, l = bsampling._rows(rep.detach())[ok], g[ok].long()
+    c = prob.gather(1, l[:, None]).squeeze(1)
+    keep = bsampling.top_per_class(l, c, m.sample_pixel_num, C)
+    f, l, c = bsampling.all_gather_rows(f[keep].float(), l[keep], c[keep])
+    self.queues["back"].push(f, l, c)
+
+def _set_rows(q, c: int, rows: torch.Tensor, conf: torch.Tensor):
+    "Replace the rows of class `c` of queue `q` by `rows` (≤ capacity)."
+    n = len(rows)
+    q.buffer[c, :n] = rows.to(q.dtype); q.conf[c, :n] = conf
+    q.counts = q.counts.clone(); q.counts[c] = n; q.ptr = q.ptr.clone(); q.ptr[c] = n % q.capacity
+
+@torch.no_grad()
+def fill_short_queues(high, low, back, min_rows: int = 10) -> list[int]:
+    "COCO's fallback before the initial clustering (see above); returns the classes whose queues were filled."
+    nh, nl, nb = high.counts.tolist(), low.counts.tolist(), back.counts.tolist()
+    changed = []
+    for c in range(high.num_classes):        # a host loop over classes, once, at initialisation
+        short_h, short_l = nh[c] < min_rows, nl[c] < min_rows
+        if not (short_h or short_l) or nb[c] == 0: continue
+        f, s = back.get(c, with_conf=True)
+        o = s.argsort(); f, s = f[o], s[o]; h = len(f) // 2      # ascending confidence: lower half, upper half
+        if short_h: _set_rows(high, c, f[h:][-high.capacity:], s[h:][-high.capacity:])
+        if short_l: _set_rows(low, c, f[:h][:low.capacity], s[:h][:low.capacity])
+        changed.append(c)
+    return changed
+
 # %% ../nbs/07a_methods.ipynb #7d878d83
 @patch
 @torch.no_grad()
@@ -348,6 +393,7 @@ def begin_iteration(self: Prototypes, it: int):
         if self.queues is None:
             raise ConfigError(f"cannot initialise prototypes at iteration {it}: no features were sampled "
                               f"(method.sample_delay={m.sample_delay}, method.sample_last={m.sample_last})")
+        if "back" in self.queues: fill_short_queues(self.queues["high"], self.queues["low"], self.queues["back"], m.back_queue_min)
         self.bank.init_from_queues(self.queues["high"], self.queues["low"], m)   # broadcasts rank 0's result
         self.bank_ready = True
         if m.recluster_every == 0: self.queues = None          # freed, as the official code (docs/method.md §4.4)

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['ClassQueues', 'downsample_labels', 'labeled_candidates', 'unlabeled_candidates', 'random_subset', 'queue_candidates',
-           'all_gather_rows', 'grid_positions', 'labeled_grid', 'sample_distinct', 'pick_confident', 'unlabeled_pick',
-           'PointGroup', 'grid_points', 'pixel_points', 'gather_points', 'loss_threshold']
+__all__ = ['ClassQueues', 'ConfidenceQueues', 'top_per_class', 'downsample_labels', 'labeled_candidates', 'unlabeled_candidates',
+           'random_subset', 'queue_candidates', 'all_gather_rows', 'grid_positions', 'labeled_grid', 'sample_distinct',
+           'pick_confident', 'unlabeled_pick', 'PointGroup', 'grid_points', 'pixel_points', 'gather_points',
+           'loss_threshold']
 
 # %% ../nbs/04_sampling.ipynb #ada3e049
 class ClassQueues:
@@ -133,6 +134,66 @@ def load_state_dict(self: ClassQueues, sd: dict):
     self.ptr = sd["ptr"].to(self.device, torch.long).clone()
     self.counts = sd["counts"].to(self.device, torch.long).clone()
     self.total = sd.get("total", sd["counts"]).to(self.device, torch.long).clone()
+    return self
+
+# %% ../nbs/04_sampling.ipynb #1c2d3e4f
+class ConfidenceQueues(ClassQueues):
+    "Per-class queues `[C, Q, D]` that keep the `Q` rows of highest confidence (COCO's back queue, docs/method.md §4.4)."
+
+def _rank_by_conf(lab: torch.Tensor, conf: torch.Tensor, C: int):
+    "`(order, sorted_lab, rank)`: rows sorted by class, then by decreasing confidence; rank = position inside the class."
+    o1 = torch.argsort(conf, descending=True, stable=True)
+    o2 = torch.argsort(lab[o1], stable=True)
+    order = o1[o2]
+    sl = lab[order]
+    n = torch.zeros(C + 1, dtype=torch.long, device=lab.device).scatter_add_(0, sl, torch.ones_like(sl))
+    start = torch.cumsum(n, 0) - n
+    return order, sl, torch.arange(len(sl), device=lab.device) - start[sl]
+
+def top_per_class(labels: torch.Tensor, conf: torch.Tensor, k: int, num_classes: int) -> torch.Tensor:
+    "Indices of the (at most) `k` most confident rows of each class in `[0, num_classes)`."
+    lab = torch.where((labels >= 0) & (labels < num_classes), labels.long(), torch.full_like(labels.long(), num_classes))
+    order, sl, rank = _rank_by_conf(lab, conf.float(), num_classes)
+    return order[(sl < num_classes) & (rank < k)]
+
+# %% ../nbs/04_sampling.ipynb #2d3e4f5a
+@patch
+@torch.no_grad()
+def push(self: ConfidenceQueues, feats: torch.Tensor, labels: torch.Tensor, conf: torch.Tensor):
+    "Offer rows `feats[N,D]` (classes `labels[N]`, scores `conf[N]`); each class keeps its `Q` most confident rows."
+    if feats.ndim != 2 or feats.shape[1] != self.dim:
+        raise ValueError(f"ConfidenceQueues.push: feats must be [N, {self.dim}], got {tuple(feats.shape)}")
+    if labels.shape != feats.shape[:1] or conf is None or conf.shape != feats.shape[:1]:
+        raise ValueError(f"ConfidenceQueues.push: labels and conf must be [{feats.shape[0]}]")
+    C, Q, dev = self.num_classes, self.capacity, self.device
+    if feats.shape[0] == 0: return self
+    lab = labels.to(dev, torch.long); cf = conf.to(dev, torch.float32)
+    lab = torch.where((lab >= 0) & (lab < C), lab, torch.full_like(lab, C))
+    order, sl, rank = _rank_by_conf(lab, cf, C)
+    keep = (sl < C) & (rank < Q)
+    cs, rs, src = sl[keep], rank[keep], order[keep]
+    M = int(rs.max()) + 1 if len(rs) else 0
+    if M == 0: return self
+    new_conf = torch.full((C, M), float("-inf"), device=dev); new_idx = torch.zeros((C, M), dtype=torch.long, device=dev)
+    new_conf[cs, rs] = cf[src]; new_idx[cs, rs] = src
+    merged = torch.cat([self.conf.masked_fill(~self.valid_mask(), float("-inf")), new_conf], 1)   # [C, Q+M]
+    top = merged.topk(Q, dim=1).indices
+    real = merged.gather(1, top) > float("-inf")
+    adm = (top >= Q) & real                                   # new rows that get in
+    kept = torch.zeros(C, Q + 1, dtype=torch.bool, device=dev)
+    kept.scatter_(1, torch.where((top < Q) & real, top, torch.full_like(top, Q)), True)
+    kept = kept[:, :Q]
+    n_adm = adm.sum(1)
+    a_ord = adm.to(torch.int8).argsort(dim=1, descending=True, stable=True)       # admitted rows first
+    f_ord = (~kept).to(torch.int8).argsort(dim=1, descending=True, stable=True)   # free slots first, ascending
+    take = torch.arange(Q, device=dev)[None] < n_adm[:, None]
+    rows = new_idx.gather(1, (top.gather(1, a_ord) - Q).clamp(min=0))[take]
+    dst = (torch.arange(C, device=dev)[:, None] * Q + f_ord)[take]
+    self._feats[dst] = feats.detach().to(dev)[rows].to(self.dtype); self._conf[dst] = cf[rows]
+    n_new = torch.zeros(C + 1, dtype=torch.long, device=dev).scatter_add_(0, lab, torch.ones_like(lab))[:C]
+    self.counts = kept.sum(1) + n_adm
+    self.total = self.total + n_new
+    self.ptr = self.counts % Q
     return self
 
 # %% ../nbs/04_sampling.ipynb #ff63b820

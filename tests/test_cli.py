@@ -160,7 +160,7 @@ def test_config_keys_list_choices():
     r = brpg("config", "--keys")
     assert r.returncode == 0, r.stderr
     assert "data.dataset = 'demo'  # dataset format (choices: demo, brain, voc, cityscapes, coco, folder)" in r.stdout
-    assert "method.name = 'brpg'  # which method to train (choices: supervised, mean_teacher, brpg)" in r.stdout
+    assert "method.name = 'brpg'  # which method to train (choices: supervised, mean_teacher, brpg, unimatch, unimatch_brpg)" in r.stdout
     assert "data.num_classes = 11  # " in r.stdout and "0 = auto" in r.stdout
 
 
