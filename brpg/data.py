@@ -777,7 +777,9 @@ def random_boxes(batch_size: int, H: int, W: int, p: float = 0.5, area=(0.02, 0.
     x0, y0 = (u[:, 2 + tries:2 + 2 * tries] * W).floor(), (u[:, 2 + 2 * tries:] * H).floor()
     fit = (x0 + w <= W) & (y0 + h <= H)
     k = torch.where(fit.any(1), fit.float().argmax(1), torch.full_like(fit[:, 0], tries - 1, dtype=torch.long))[:, None]
-    w, h, x0, y0 = (t.gather(1, k) .view(-1, 1, 1) for t in (w, h, x0, y0))
+    w, h, x0, y0 = (t.gather(1, k).view(-1, 1, 1) for t in (w, h, x0, y0))
+    w, h = w.clamp(max=W), h.clamp(max=H)                                   # the fallback: shrunk and shifted inside
+    x0, y0 = torch.minimum(x0, W - w), torch.minimum(y0, H - h)
     ys = torch.arange(H, device=device).view(1, H, 1); xs = torch.arange(W, device=device).view(1, 1, W)
     return (ys >= y0) & (ys < y0 + h) & (xs >= x0) & (xs < x0 + w) & on.view(-1, 1, 1)
 

@@ -100,3 +100,19 @@ def test_unimatch_keys_are_checked():
     for key in ("unimatch_threshold", "unimatch_fp_dropout", "unimatch_box_prob"):
         with pytest.raises(ConfigError, match=f"method.{key}.*outside"):
             load_config("demo", [f"method.{key}=1.5"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["unimatch", "unimatch_brpg"])
+def test_unimatch_methods_feed_the_views(tmp_path, name):
+    "The views' events come from the UniMatch methods as from the others: feature samples with unlabeled pixels, the bank."
+    class Watch:
+        def __init__(self): self.samples, self.inits = [], 0
+        def on_features_sampled(self, trainer, sample): self.samples.append(sample)
+        def on_prototypes_initialized(self, trainer, bank): self.inits += 1
+    w = Watch()
+    tr = Trainer(tiny_demo_config(name, ["trainer.max_iters=5", "trainer.view_every=1"]), callbacks=[w], out_dir=tmp_path)
+    tr.fit(); tr.close()
+    semi = [s for s in w.samples if s["phase"] != "sup_only"]
+    assert len(w.samples) == 5 and semi and all((~s["is_labeled"]).any() for s in semi)
+    assert w.inits == (1 if name == "unimatch_brpg" else 0)
