@@ -111,7 +111,7 @@ def test_unimatch_methods_feed_the_views(tmp_path, name):
         def on_features_sampled(self, trainer, sample): self.samples.append(sample)
         def on_prototypes_initialized(self, trainer, bank): self.inits += 1
     w = Watch()
-    tr = Trainer(tiny_demo_config(name, ["trainer.max_iters=5", "trainer.view_every=1"]), callbacks=[w], out_dir=tmp_path)
+    tr = Trainer(tiny_demo_config(name, ["trainer.max_iters=5", "trainer.view_every=1", "method.pseudo_threshold=0.0"]), callbacks=[w], out_dir=tmp_path)
     tr.fit(); tr.close()
     semi = [s for s in w.samples if s["phase"] != "sup_only"]
     assert len(w.samples) == 5 and semi and all((~s["is_labeled"]).any() for s in semi)
