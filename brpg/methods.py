@@ -96,6 +96,13 @@ def supervised_terms(self: Method, batch: dict, it: int) -> dict:
     self.observe(out["pred"], out["rep"], y_l, None, it)
     return {"loss": loss, "loss_sup": loss_sup}
 
+@patch
+def warmup_terms(self: Method, batch: dict, it: int) -> dict:
+    "The supervised terms, and 0 for every other term the method declares (the warm-up of the semi-supervised methods)."
+    t = self.supervised_terms(batch, it)
+    zero = torch.zeros((), device=self.tr.device)
+    return {**t, **{k: zero for k in self.terms if k not in t}}
+
 # %% ../nbs/07a_methods.ipynb #14ae0425
 @patch
 def after_labeled_forward(self: Method, x_l: torch.Tensor): pass
@@ -259,8 +266,7 @@ def semi_forward(self: MeanTeacher, batch: dict, it: int) -> SimpleNamespace:
 @patch
 def step(self: MeanTeacher, batch: dict, it: int) -> dict:
     "Warm-up: supervised terms; semi phase: `L_s + λ_u L_u`."
-    zero = torch.zeros((), device=self.tr.device)
-    if it < self.teacher_start: return {**self.supervised_terms(batch, it), "loss_unsup": zero}
+    if it < self.teacher_start: return self.warmup_terms(batch, it)
     s = self.semi_forward(batch, it)
     return {"loss": s.loss + 0.0 * s.rep.float().sum(), "loss_sup": s.loss_sup, "loss_unsup": s.loss_unsup}
 
@@ -426,8 +432,7 @@ def add_prototype_term(self: Prototypes, s: SimpleNamespace, it: int):
 @patch
 def step(self: BRPG, batch: dict, it: int) -> dict:
     "`L = L_s + λ_u L_u + λ_pro L_pro`."
-    zero = torch.zeros((), device=self.tr.device)
-    if it < self.teacher_start: return {**self.supervised_terms(batch, it), "loss_unsup": zero, "loss_proto": zero}
+    if it < self.teacher_start: return self.warmup_terms(batch, it)
     s = self.semi_forward(batch, it)
     loss, loss_proto = self.add_prototype_term(s, it)
     return {"loss": loss, "loss_sup": s.loss_sup, "loss_unsup": s.loss_unsup, "loss_proto": loss_proto}
@@ -509,8 +514,7 @@ def semi_forward(self: UniMatch, batch: dict, it: int) -> SimpleNamespace:
 @patch
 def step(self: UniMatch, batch: dict, it: int) -> dict:
     "Warm-up (if any): supervised terms; then `(L_s + ¼ L_s1 + ¼ L_s2 + ½ L_fp) / 2` (`loss_unsup` logs the strong views' mean)."
-    zero = torch.zeros((), device=self.tr.device)
-    if it < self.semi_start: return {**self.supervised_terms(batch, it), "loss_unsup": zero, "loss_fp": zero}
+    if it < self.semi_start: return self.warmup_terms(batch, it)
     s = self.semi_forward(batch, it)
     return {"loss": s.loss + 0.0 * s.rep_l.float().sum(), "loss_sup": s.loss_sup, "loss_unsup": s.loss_unsup, "loss_fp": s.loss_fp}
 
@@ -524,8 +528,7 @@ class UniMatchBRPG(Prototypes, UniMatch):
 @patch
 def step(self: UniMatchBRPG, batch: dict, it: int) -> dict:
     "UniMatch's loss `+ λ_pro L_pro` once the bank exists."
-    zero = torch.zeros((), device=self.tr.device)
-    if it < self.semi_start: return {**self.supervised_terms(batch, it), "loss_unsup": zero, "loss_fp": zero, "loss_proto": zero}
+    if it < self.semi_start: return self.warmup_terms(batch, it)
     s = self.semi_forward(batch, it)
     s.rep = torch.cat([s.rep_l, s.rep_s1])
     loss, loss_proto = self.add_prototype_term(s, it)
