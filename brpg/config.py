@@ -172,6 +172,8 @@ class TrainerConfig:
     progress: bool = F(True, "show a tqdm progress bar")
     save_every: int = F(0, "also write `last` every N iterations (0 = at validation only)")
     view_every: int = F(50, "emit a small feature sample to the views every N iterations (0 = never)")
+    view_log: bool = F(True, "append the views' records to <out_dir>/views.log (rank 0), for open_run(dir, follow=True)")
+    view_log_mb: float = F(50.0, "size budget of views.log over the whole schedule, in MiB (samples are thinned to fit)")
 
 # %% ../nbs/00_config.ipynb #c618031e
 @dataclass

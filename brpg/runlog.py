@@ -64,7 +64,7 @@ def open(self: RunLog, cfg, encoder_init: dict, history: list, iteration: int, t
 def commit(self: RunLog):
     "Move the staged logs of a replacing run into place (the old run's logs and TensorBoard events go)."
     if self.staging is None: return
-    for n in ("metrics.jsonl", "config.yaml", "weights.json"):
+    for n in ("metrics.jsonl", "config.yaml", "weights.json", "views.log"):
         if (self.staging / n).exists(): os.replace(self.staging / n, self.dir / n)   # open files keep writing
     if self.tb is not None: self.tb.close()      # TensorBoard reopens its file by name: move it closed, reopen
     if (self.dir / "tb").is_dir(): shutil.rmtree(self.dir / "tb")
@@ -73,6 +73,11 @@ def commit(self: RunLog):
         from torch.utils.tensorboard import SummaryWriter
         self.tb = SummaryWriter(str(self.dir / "tb"))     # a second events file beside the first: TensorBoard reads both
     shutil.rmtree(self.staging, ignore_errors=True); self.staging = None
+
+@patch
+def path(self: RunLog, name: str) -> Path:
+    "Where the log file `name` of this run goes now (the staging folder while a replacing run has not committed)."
+    return (self.staging if self.staging is not None else self.dir) / name
 
 @patch
 def write(self: RunLog, rec: dict):

@@ -16,6 +16,7 @@ from .checkpoint import (CheckpointError, RUN_FILES, atomic_save, atomic_copy, r
 from .methods import method_class
 from .devices import init_distributed, amp_settings
 from .runlog import RunLog, prediction_panel
+from .viewlog import ViewLogWriter, VIEW_LOG
 from .rundir import RunLock, RunDirBusy, remove_stale_temporaries
 
 # %% auto #0
@@ -421,11 +422,23 @@ def _save(self: Trainer, best: bool = False):
 # %% ../nbs/08_trainer.ipynb #ff2c568e
 @patch
 def _prepare_out_dir(self: Trainer):
-    "The run's log files (the checkpoints of an overwritten run go only when this run writes its first one)."
+    """The run's log files (the checkpoints of an overwritten run go only when this run writes its first one) and,
+    with `trainer.view_log`, the view log that `brpg.views.open_run(dir, follow=True)` reads."""
     old = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml")       # a run to replace, not just an empty folder
     self._replace_ckpts = self.overwrite and not self.resume and any((self.out_dir / f).exists() for f in old)
     self.runlog.open(self.cfg, self.encoder_init, self.history, self.iteration, self.max_iters, self.method.name,
                      replace=self._replace_ckpts)
+    self.viewlog = None
+    t = self.cfg.trainer
+    if self.is_main and t.view_log and t.view_every > 0:
+        m = self.cfg.method
+        meta = {"method": self.method.name, "num_classes": self.cfg.data.num_classes, "class_names": list(self.class_names or []),
+                "threshold": m.high_threshold, "prototypes_at": getattr(self.method, "proto_init_iter", None),
+                "semi_at": getattr(self.method, "teacher_start", getattr(self.method, "semi_start", None)),
+                "dataset": self.cfg.data.dataset}
+        self.viewlog = self.add_callback(ViewLogWriter(
+            self.runlog.path(VIEW_LOG), meta, self.max_iters, t.view_every, int(t.view_log_mb * 2**20),
+            resume_at=self.iteration if self.resume and self.iteration > 0 else None))
 
 # %% ../nbs/08_trainer.ipynb #4317af5f
 @patch
@@ -442,7 +455,10 @@ def _install_signals(self: Trainer) -> dict:
 
 # %% ../nbs/08_trainer.ipynb #77338dcc
 @patch
-def _log(self: Trainer, msg: str): self.runlog.message(msg)
+def _log(self: Trainer, msg: str):
+    "A line for the user: to the callbacks that take `on_message` (a dashboard shows it in its own output), else the terminal."
+    if self.listens("on_message"): self.emit("on_message", msg)
+    else: self.runlog.message(msg)
 
 # %% ../nbs/08_trainer.ipynb #74b56c56
 @patch
@@ -459,6 +475,7 @@ def _loop(self: Trainer) -> bool:
         self._train_iteration(it, epoch, stream)
         self.iteration = it + 1
         if self.runlog.pbar is not None: self.runlog.pbar.update(1)
+        if self.listens("on_iteration_end"): self.emit("on_iteration_end")   # no sync: a dashboard's it/s and ETA
         done = self.iteration >= self.max_iters
         val = (t.val_every and self.iteration % t.val_every == 0) or self.iteration % ipe == 0 or done
         save = t.save_every and self.iteration % t.save_every == 0
@@ -516,7 +533,18 @@ def fit(self: Trainer) -> dict:
     finally:
         for s, h in old.items(): signal.signal(s, h)
         self.runlog.close()
+        if getattr(self, "viewlog", None) is not None: self.viewlog.close()
+        self._close_loaders()
         if self._lock is not None: self._lock.release()
+
+# %% ../nbs/08_trainer.ipynb #cl0sel0a
+@patch
+def _close_loaders(self: Trainer):
+    "Shut down the loaders' worker processes at the end of `fit()` (persistent workers would outlive the run)."
+    for dl in getattr(self, "loaders", {}).values():
+        it = getattr(dl, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"): it._shutdown_workers()
+        if hasattr(dl, "_iterator"): dl._iterator = None
 
 # %% ../nbs/08_trainer.ipynb #89ba14d3
 @patch

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_views.ipynb #fc9f1da0
 from __future__ import annotations
-import io, json, math, os, threading, time, traceback, warnings
+import io, json, math, os, threading, time, traceback, warnings, weakref
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Mapping
@@ -16,29 +16,36 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.lines import Line2D
 from matplotlib import colormaps
 from fastcore.basics import patch, patch_to
+from .viewlog import to_numpy, DriftRecorder, VIEW_LOG, read_view_log, ViewLogState
 
 # %% auto #0
-__all__ = ['PROJECTIONS', 'MAX_ROWS', 'to_numpy', 'class_colors', 'BankSnapshot', 'snapshot_bank', 'project_2d',
-           'FeatureSpaceView', 'confidence_stats', 'ConfidenceStatsView', 'DriftRecorder', 'PrototypeDriftView',
-           'CurvesView', 'TrainingDashboard', 'read_metrics', 'features_from_checkpoint', 'from_checkpoint', 'open_run']
-
-# %% ../nbs/09_views.ipynb #7c94c04b
-def to_numpy(x, dtype=None) -> np.ndarray | None:
-    "A CPU numpy copy of `x` (numpy, list, scalar or torch tensor on any device); None stays None."
-    if x is None: return None
-    if isinstance(x, torch.Tensor):
-        x = x.detach()
-        if x.dtype in (torch.float16, torch.bfloat16): x = x.float()
-        x = x.cpu().numpy()
-    a = np.asarray(x)
-    return a.astype(dtype, copy=False) if dtype is not None else a
+__all__ = ['PROJECTIONS', 'MAX_ROWS', 'class_colors', 'BankSnapshot', 'snapshot_bank', 'project_2d', 'balanced_subset',
+           'FeatureSpaceView', 'confidence_stats', 'ConfidenceStatsView', 'PrototypeDriftView', 'CurvesView',
+           'TrainingDashboard', 'read_metrics', 'features_from_checkpoint', 'from_checkpoint', 'RunFollower',
+           'follow_run', 'open_run']
 
 # %% ../nbs/09_views.ipynb #7370efa8
-def class_colors(num_classes: int) -> np.ndarray:
-    "One RGBA colour per class: `tab10`/`tab20` when they suffice, evenly spaced `hsv` hues beyond 20."
-    if num_classes <= 10: return colormaps["tab10"](np.arange(num_classes))
-    if num_classes <= 20: return colormaps["tab20"](np.arange(num_classes))
-    return colormaps["hsv"](np.linspace(0, 1, num_classes, endpoint=False))
+_GREY = np.array([0.62, 0.62, 0.62, 1.0])
+_BACKGROUND = ("background", "_background_", "bg", "backdrop", "unlabeled", "void")
+
+def class_colors(num_classes: int, class_names=None) -> np.ndarray:
+    """One RGBA colour per class, neighbours clearly apart for up to 81 classes (COCO): `tab10` without its grey for
+    up to 9 classes, else golden-angle hues (137.5° between neighbours) over three saturation/value levels. A class
+    named like background (`class_names`) is grey."""
+    n = int(num_classes)
+    names = [str(s).lower() for s in (class_names or [])]
+    bg = [i for i, s in enumerate(names[:n]) if s in _BACKGROUND]
+    k = n - len(bg)
+    tab = [c for i, c in enumerate(colormaps["tab10"].colors) if i != 7]          # 9 colours, no grey
+    if k <= len(tab): cols = np.array([(*c, 1.0) for c in tab[:k]])
+    else:
+        from matplotlib.colors import hsv_to_rgb
+        i = np.arange(k)
+        hsv = np.stack([(i * 0.381966) % 1.0, np.array([0.85, 0.55, 1.0])[i % 3], np.array([0.92, 0.72, 0.55])[(i // 3) % 3]], 1)
+        cols = np.concatenate([hsv_to_rgb(hsv), np.ones((k, 1))], 1)
+    out = np.empty((n, 4)); rest = [i for i in range(n) if i not in bg]
+    out[rest] = cols[:len(rest)]; out[bg] = _GREY
+    return out
 
 # %% ../nbs/09_views.ipynb #d549ef13
 def _png(fig: Figure, dpi: int) -> bytes:
@@ -127,21 +134,35 @@ def project_2d(x, method: str = "pca", normalize: bool = True, seed: int = 0, n_
     return out if out.shape[1] == 2 else np.pad(out, ((0, 0), (0, 2 - out.shape[1])))
 
 # %% ../nbs/09_views.ipynb #17915761
+def _note_html(text: str) -> str: return f'<div style="padding:1em;color:#555;font-style:italic">{text}</div>'
+
 class _View:
-    "Shared plumbing: a Figure on the Agg canvas shown as PNG in an `ipywidgets.Image`, one lock."
-    dpi = 72
-    def __init__(self, figsize):
+    """Shared plumbing: a Figure on the Agg canvas shown as a PNG in an `ipywidgets.Image` at `scale` device pixels per
+    CSS pixel (crisp on HiDPI screens), sized to the figure in CSS pixels (never stretched); a sentence (`set_note`)
+    stands in for the figure until the first render; one lock."""
+    css_ppi, scale = 96, 2
+    def __init__(self, figsize, note: str = "Nothing to show yet."):
         self.fig = Figure(figsize=figsize); FigureCanvasAgg(self.fig)
-        self.image = W.Image(format="png", layout=W.Layout(max_width="100%"))
+        self.css_width = round(figsize[0] * self.css_ppi)
+        lay = lambda: W.Layout(width=f"{self.css_width}px", max_width="100%")
+        self.image = W.Image(format="png", layout=lay())
+        self.note = W.HTML(_note_html(note), layout=lay())
+        self.frame = W.Box([self.note])
         self.artists = {}
         self._lock = threading.RLock()
         self.renders = 0
         self._quiet = False
+    @property
+    def dpi(self) -> int: return self.css_ppi * self.scale
     def _observe(self, widget, fn):
         "Call `fn()` when `widget.value` changes, except while the view itself is updating its controls."
         widget.observe(lambda ch: None if self._quiet else fn(), "value")
+    def set_note(self, text: str):
+        "Say why there is no figure (shown until the next render)."
+        self.note.value = _note_html(text); self.frame.children = (self.note,)
     def _show(self):
         self.image.value = _png(self.fig, self.dpi); self.renders += 1
+        if self.frame.children[0] is not self.image: self.frame.children = (self.image,)
     def _repr_mimebundle_(self, **kw): return self.widget._repr_mimebundle_(**kw)
 
 # %% ../nbs/09_views.ipynb #403e8b42
@@ -169,31 +190,48 @@ def _check_sample(feats, labels, conf, where="features", max_rows: int = MAX_ROW
         raise ValueError(f"{where}: labels {y.shape} and conf {cf.shape} must both be [{len(f)}] like feats {f.shape}")
     return f, y, cf
 
+# %% ../nbs/09_views.ipynb #bal00001
+def balanced_subset(labels, k: int, seed: int = 0) -> np.ndarray:
+    "Sorted indices of at most `k` rows: every class keeps all its rows up to a common cap, the largest that fits."
+    y = np.asarray(labels); n = len(y)
+    if k >= n: return np.arange(n)
+    cls, cnt = np.unique(y, return_counts=True)
+    left, cap = k, None
+    for j, c in enumerate(np.sort(cnt)):                 # water-filling, smallest class first
+        share = left // (len(cnt) - j)
+        if c > share: cap = share; break
+        left -= c
+    rng = np.random.default_rng(seed)
+    take = [rows if cap is None or len(rows) <= cap else rng.choice(rows, cap, replace=False)
+            for rows in (np.nonzero(y == c)[0] for c in cls)]
+    return np.sort(np.concatenate(take))
+
 # %% ../nbs/09_views.ipynb #925f822a
 class FeatureSpaceView(_View):
     "2-D projection of pixel features (coloured by class, high/low confidence markers) with the prototypes overlaid."
     def __init__(self, feats=None, labels=None, conf=None, bank=None, class_names=None, num_classes=None,
                  threshold: float = 0.8, method: str = "pca", sample_size: int = 2000, normalize: bool = True,
                  seed: int = 0, figsize=(7, 5.5)):
-        super().__init__(figsize)
+        super().__init__(figsize, "No feature sample yet: the trainer sends one every `trainer.view_every` iterations.")
         if method not in PROJECTIONS: raise ValueError(f"method {method!r} is not one of {list(PROJECTIONS)}")
         self.ax = self.fig.add_subplot(); self.fig.subplots_adjust(left=0.06, right=0.78, bottom=0.06, top=0.93)
         self.normalize, self.seed = normalize, seed
-        self.feats = self.labels = self.conf = None; self.bank = None
+        self.feats = self.labels = self.conf = self.is_labeled = None; self.bank = None; self.sample_meta = {}
         self._num_classes = num_classes; self._names = class_names
         self._emb = self._emb_protos = self._idx = None; self._proj_key = None
         C = num_classes or 1
         self.classes = W.SelectMultiple(description="classes", rows=8, layout=W.Layout(width="230px"))
         self.threshold = W.FloatSlider(value=threshold, min=0.0, max=1.0, step=0.01, description="threshold",
                                        continuous_update=False, readout_format=".2f", layout=W.Layout(width="230px"))
+        self._requested = sample_size
         self.sample_size = W.IntSlider(value=sample_size, min=100, max=max(100, sample_size), step=100,
                                        description="samples", continuous_update=False, layout=W.Layout(width="230px"))
         self.method = W.ToggleButtons(options=list(PROJECTIONS), value=method, description="projection",
                                       style={"button_width": "60px"})
         self.status = W.HTML()
-        self.widget = W.HBox([W.VBox([self.classes, self.threshold, self.sample_size, self.method, self.status]), self.image])
+        self.widget = W.HBox([W.VBox([self.classes, self.threshold, self.sample_size, self.method, self.status]), self.frame])
         self._observe(self.threshold, self.redraw); self._observe(self.classes, self.redraw)
-        self._observe(self.sample_size, self.refresh); self._observe(self.method, self.refresh)
+        self._observe(self.sample_size, self._size_changed); self._observe(self.method, self.refresh)
         if feats is not None: self.set_data(feats, labels, conf, bank)
         elif bank is not None: self.set_bank(bank)
 
@@ -204,13 +242,16 @@ class FeatureSpaceView(_View):
         if self.bank is not None: C = max(C, self.bank.num_classes)
         return max(C, 1)
 
+    def _size_changed(self): self._requested = self.sample_size.value; self.refresh()
+
 # %% ../nbs/09_views.ipynb #1a9d768b
 @patch
 def split(self: FeatureSpaceView):
-    "Boolean masks (high, low) over the projected subset for the current threshold and class filter."
+    "Boolean masks (high, low, pseudo) over the projected subset for the current threshold and class filter."
     y, cf = self.labels[self._idx], self.conf[self._idx]
     shown = np.isin(y, np.asarray(self.classes.value, dtype=np.int64))
-    return shown & (cf >= self.threshold.value), shown & (cf < self.threshold.value)
+    lab = np.ones(len(y), bool) if getattr(self, "is_labeled", None) is None else self.is_labeled[self._idx]
+    return shown & lab & (cf >= self.threshold.value), shown & lab & (cf < self.threshold.value), shown & ~lab
 
 # %% ../nbs/09_views.ipynb #ce241fae
 @patch
@@ -221,7 +262,7 @@ def refresh(self: FeatureSpaceView):
         key = (self.method.value, self.sample_size.value, id(self.feats), id(self.bank))
         if key != self._proj_key:
             n = len(self.feats); k = min(n, self.sample_size.value)
-            self._idx = np.sort(np.random.default_rng(self.seed).choice(n, k, replace=False)) if k < n else np.arange(n)
+            self._idx = balanced_subset(self.labels, k, self.seed)
             P = self.bank.protos[self.bank.valid] if self.bank is not None else np.zeros((0, self.feats.shape[1]), np.float32)
             if P.shape[1:] != self.feats.shape[1:]:
                 raise ValueError(f"prototype dim {P.shape[1]} != feature dim {self.feats.shape[1]}")
@@ -240,10 +281,11 @@ def redraw(self: FeatureSpaceView):
     "Redraw from the cached projection (threshold / class changes)."
     with self._lock:
         if self._emb is None: return
-        ax, cols = self.ax, class_colors(self.num_classes)
+        ax, cols = self.ax, class_colors(self.num_classes, self._names)
         ax.clear(); self.artists = {}
-        hi, lo = self.split()
+        hi, lo, ps = self.split()
         y = self.labels[self._idx]
+        self.artists["pseudo"] = ax.scatter(*self._emb[ps].T, s=7, c=cols[y[ps]], marker="s", linewidths=0, alpha=0.45)
         self.artists["high"] = ax.scatter(*self._emb[hi].T, s=9, c=cols[y[hi]], marker="o", linewidths=0, alpha=0.7)
         self.artists["low"] = ax.scatter(*self._emb[lo].T, s=14, marker="^", facecolors="none",
                                          edgecolors=cols[y[lo]], linewidths=0.7, alpha=0.8)
@@ -259,11 +301,15 @@ def redraw(self: FeatureSpaceView):
                                                      edgecolors="k", linewidths=1.8, zorder=4)
         ax.set_xlim(self._lims[0][0], self._lims[1][0]); ax.set_ylim(self._lims[0][1], self._lims[1][1])
         ax.set_xticks([]); ax.set_yticks([])
-        ax.set_title(f"{self.method.value.upper()} of {len(self._idx)} features + "
-                     f"{len(self._emb_protos)} prototypes; threshold {self.threshold.value:.2f}", fontsize=10)
+        m = self.sample_meta
+        when = ", ".join(x for x in (f"iteration {m['iteration']}" if m.get("iteration") is not None else "",
+                                     f"phase {m['phase']}" if m.get("phase") else "") if x)
+        ax.set_title(f"{self.method.value.upper()} of {len(self._idx)} class-balanced features + {len(self._emb_protos)} "
+                     f"prototypes{' (' + when + ')' if when else ''}", fontsize=9)
         grey = "0.35"
-        kinds = [Line2D([], [], ls="", marker="o", color=grey, label=f"high conf ({hi.sum()})"),
-                 Line2D([], [], ls="", marker="^", mfc="none", color=grey, label=f"low conf ({lo.sum()})"),
+        kinds = [Line2D([], [], ls="", marker="o", color=grey, label=f"labeled, conf ≥ {self.threshold.value:.2f} ({hi.sum()})"),
+                 Line2D([], [], ls="", marker="^", mfc="none", color=grey, label=f"labeled, conf < {self.threshold.value:.2f} ({lo.sum()})"),
+                 *([Line2D([], [], ls="", marker="s", color=grey, alpha=0.6, label=f"pseudo-labeled ({ps.sum()})")] if ps.any() else []),
                  Line2D([], [], ls="", marker="X", color=grey, mec="k", ms=10, label="high prototype"),
                  Line2D([], [], ls="", marker="v", color=grey, mec="k", ms=9, label="low prototype"),
                  Line2D([], [], ls="", marker="o", mfc="none", mec="k", ms=14, mew=1.8, label="APO-added")]
@@ -274,13 +320,13 @@ def redraw(self: FeatureSpaceView):
         ax.legend(handles=[Line2D([], [], ls="", marker="o", color=cols[c], label=names[c]) for c in shown_c],
                   loc="lower left", bbox_to_anchor=(1.01, 0.0), fontsize=8, frameon=False, title="classes", title_fontsize=8)
         self._show()
-        self.status.value = (f"<small>{hi.sum()} high / {lo.sum()} low shown; projection "
+        self.status.value = (f"<small>{hi.sum()} high / {lo.sum()} low / {ps.sum()} pseudo shown; projection "
                              f"{getattr(self, 'projection_seconds', 0):.2f}s</small>")
 
 # %% ../nbs/09_views.ipynb #dfac07be
 @patch
 def _sync_controls(self: FeatureSpaceView):
-    "Class options follow the data (new classes start shown); the sample-size slider follows N."
+    "Class options follow the data (new classes start shown); the sample-size slider spans the sample's rows."
     C, names = self.num_classes, _class_names(self._names, self.num_classes)
     opts = [(f"{c}: {names[c]}", c) for c in range(C)]
     self._quiet = True
@@ -289,16 +335,22 @@ def _sync_controls(self: FeatureSpaceView):
             old_n, keep = len(self.classes.options), set(self.classes.value)
             self.classes.options = opts
             self.classes.value = tuple(c for c in range(C) if c in keep or c >= old_n)
-        n = len(self.feats)
-        self.sample_size.max = max(100, n, self.sample_size.value)   # never clip the requested size
+        n = max(100, len(self.feats))                  # the slider spans the sample; the requested size comes back
+        self.sample_size.max = max(n, self.sample_size.value)
+        self.sample_size.value = min(self._requested, n); self.sample_size.max = n
     finally: self._quiet = False
 
 # %% ../nbs/09_views.ipynb #c4430ae6
 @patch
-def set_data(self: FeatureSpaceView, feats, labels, conf, bank=None):
-    "New feature sample (and optionally bank); re-projects and redraws."
+def set_data(self: FeatureSpaceView, feats, labels, conf, bank=None, is_labeled=None, iteration=None, phase=None):
+    "New feature sample (optionally its labeled/pseudo flags, iteration and phase, and a bank); re-projects and redraws."
     with self._lock:
         self.feats, self.labels, self.conf = _check_sample(feats, labels, conf)
+        lab = None if is_labeled is None else to_numpy(is_labeled).astype(bool)
+        if lab is not None and lab.shape != (len(feats),):
+            raise ValueError(f"features: is_labeled {lab.shape} must be [{len(feats)}] like feats")
+        self.is_labeled = lab if lab is not None and len(lab) == len(self.labels) else None   # None: cut to MAX_ROWS
+        self.sample_meta = {"iteration": None if iteration is None else int(iteration), "phase": phase}
         if bank is not None: self.bank = snapshot_bank(bank)
         self._sync_controls(); self._proj_key = None
     self.refresh()
@@ -316,8 +368,10 @@ def set_bank(self: FeatureSpaceView, bank):
     self.refresh()
 
 # %% ../nbs/09_views.ipynb #4c6f1345
-def confidence_stats(feats, labels, conf, threshold: float = 0.8, num_classes: int | None = None, bins: int = 20) -> dict:
-    "Per-class counts, mean cosine similarity to the class centre (high vs low), and confidence histograms."
+def confidence_stats(feats, labels, conf, threshold: float = 0.8, num_classes: int | None = None, bins: int = 20,
+                     min_count: int = 5) -> dict:
+    """Per-class counts, mean cosine similarity to the class centre (high vs low), and confidence histograms. A mean
+    over fewer than `min_count` features is NaN (one feature is its own centre: it would score 1.0)."""
     f, y, cf = _check_sample(feats, labels, conf)
     C = num_classes or (int(y.max()) + 1 if len(y) else 1)
     keep = (y >= 0) & (y < C); f, y, cf = f[keep], y[keep], cf[keep]
@@ -330,7 +384,7 @@ def confidence_stats(feats, labels, conf, threshold: float = 0.8, num_classes: i
     def mean_by(m):
         n = np.bincount(y[m], minlength=C)
         s = np.bincount(y[m], weights=sim[m], minlength=C)
-        return np.where(n > 0, s / np.maximum(n, 1), np.nan), n
+        return np.where(n >= max(min_count, 1), s / np.maximum(n, 1), np.nan), n
     sim_hi, n_hi = mean_by(hi); sim_lo, n_lo = mean_by(~hi)
     edges = np.linspace(0, 1, bins + 1)
     b = np.clip(np.digitize(cf, edges) - 1, 0, bins - 1)
@@ -343,13 +397,13 @@ class ConfidenceStatsView(_View):
     "Per-class confidence histograms and mean cosine similarity of high vs low features to the class centre (Fig. 2)."
     def __init__(self, feats=None, labels=None, conf=None, class_names=None, num_classes=None,
                  threshold: float = 0.8, bins: int = 20, figsize=(10, 4.8)):
-        super().__init__(figsize)
+        super().__init__(figsize, "No feature sample yet: the trainer sends one every `trainer.view_every` iterations.")
         self._names, self._num_classes, self.stats = class_names, num_classes, None
         self.feats = None
         self.threshold = W.FloatSlider(value=threshold, min=0.0, max=1.0, step=0.01, description="threshold",
                                        continuous_update=False, readout_format=".2f")
         self.bins = W.IntSlider(value=bins, min=5, max=50, step=5, description="bins", continuous_update=False)
-        self.widget = W.VBox([W.HBox([self.threshold, self.bins]), self.image])
+        self.widget = W.VBox([W.HBox([self.threshold, self.bins]), self.frame])
         self._observe(self.threshold, self.redraw); self._observe(self.bins, self.redraw)
         if feats is not None: self.set_data(feats, labels, conf)
 
@@ -360,26 +414,32 @@ def redraw(self: ConfidenceStatsView):
         if self.feats is None: return
         C = max(self._num_classes or 0, int(self.labels.max()) + 1 if len(self.labels) else 1)
         st = self.stats = confidence_stats(self.feats, self.labels, self.conf, self.threshold.value, C, self.bins.value)
-        names, cols = _class_names(self._names, C), class_colors(C)
+        names, cols = _class_names(self._names, C), class_colors(C, self._names)
         self.fig.clear(); self.artists = {"hist": {}}
         present = [c for c in range(C) if st["count"][c] > 0][:24]
         nc = max(1, math.ceil(math.sqrt(max(len(present), 1))))
         nr = max(1, math.ceil(len(present) / nc))
-        gs = self.fig.add_gridspec(nr, 2 * nc + 1, wspace=0.35, hspace=0.6, left=0.04, right=0.98, top=0.9, bottom=0.12)
+        gs = self.fig.add_gridspec(nr, 2 * nc + 1, wspace=0.45, hspace=0.75, left=0.06, right=0.86, top=0.88, bottom=0.16)
         w = np.diff(st["edges"])
         for i, c in enumerate(present):
             ax = self.fig.add_subplot(gs[i // nc, i % nc])
             self.artists["hist"][c] = ax.bar(st["edges"][:-1], st["hist"][c], width=w, align="edge", color=cols[c])
             ax.axvline(self.threshold.value, color="k", lw=0.8, ls="--")
-            ax.set_title(names[c], fontsize=7, pad=2); ax.tick_params(labelsize=6); ax.set_xlim(0, 1)
+            ax.set_title(f"{names[c]} (n={st['count'][c]})", fontsize=7, pad=2); ax.tick_params(labelsize=6); ax.set_xlim(0, 1)
+            if i % nc == 0: ax.set_ylabel("pixels", fontsize=7)
+            if i // nc == nr - 1: ax.set_xlabel("confidence", fontsize=7)
         ax = self.fig.add_subplot(gs[:, nc + 1:])
         x = np.arange(C)
-        self.artists["bars_high"] = ax.bar(x - 0.2, np.nan_to_num(st["sim_high"]), 0.4, label="high conf", color="tab:blue")
-        self.artists["bars_low"] = ax.bar(x + 0.2, np.nan_to_num(st["sim_low"]), 0.4, label="low conf", color="tab:orange")
+        for key, dx, col, lab in (("high", -0.2, "tab:blue", "conf ≥ threshold"), ("low", 0.2, "tab:orange", "conf < threshold")):
+            bars = self.artists[f"bars_{key}"] = ax.bar(x + dx, np.nan_to_num(st[f"sim_{key}"]), 0.4, label=lab, color=col)
+            ax.bar_label(bars, labels=[str(n) if np.isfinite(v) else f"n={n}" for n, v in zip(st[f"n_{key}"], st[f"sim_{key}"])],
+                         fontsize=5, padding=1)
         ax.set_xticks(x, [names[c] for c in range(C)], rotation=60, fontsize=7, ha="right")
         ax.set_ylabel("mean cos sim to class centre", fontsize=8); ax.tick_params(axis="y", labelsize=7)
-        lo = np.nanmin(np.concatenate([st["sim_high"], st["sim_low"], [1.0]]))
-        ax.set_ylim(max(-1.0, lo - 0.05), 1.0); ax.legend(fontsize=8, loc="lower right")
+        ax.set_xlabel("class (numbers: features; no bar: fewer than 5)", fontsize=7)
+        lo = np.nanmin(np.concatenate([st["sim_high"], st["sim_low"], [0.0]]))
+        ax.set_ylim(max(-1.0, min(0.0, lo - 0.05)), 1.08)            # from 0: bar heights compare honestly
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         ax.set_title(f"high vs low confidence (threshold {self.threshold.value:.2f})", fontsize=9)
         self.fig.suptitle("confidence per class", x=0.25, fontsize=9)
         self._show()
@@ -391,103 +451,17 @@ def set_data(self: ConfidenceStatsView, feats, labels, conf):
         self.feats, self.labels, self.conf = _check_sample(feats, labels, conf, "ConfidenceStatsView")
     self.redraw()
 
-# %% ../nbs/09_views.ipynb #af6d84d3
-class DriftRecorder:
-    "History of per-prototype cosine distances (from init, and step to step) and usage, recorded on the bank's device."
-    def __init__(self, every: int = 1, max_len: int = 5000):
-        self.every, self.max_len = max(1, every), max_len
-        self.reset()
-
-    @staticmethod
-    def _t(x): return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-
-# %% ../nbs/09_views.ipynb #d3b2baec
-@patch
-def reset(self: DriftRecorder, bank=None):
-    self.iterations, self.from_init, self.step = [], np.zeros((0, 0, 0), np.float32), np.zeros((0, 0, 0), np.float32)
-    self._pending, self._prev, self._init, self._usage_sum, self.meta = [], None, None, None, None
-    self._meta_src = None
-    self._count = 0
-    if bank is not None: self._start(bank)
-
-# %% ../nbs/09_views.ipynb #c18f55af
-@patch
-def _start(self: DriftRecorder, bank):
-    p = self._t(bank.protos).detach()
-    init = getattr(bank, "init_protos", None)
-    self._init = (self._t(init).detach() if init is not None else p).clone().float()
-    self._prev = p.clone().float()
-    self._usage_sum = torch.zeros(p.shape[:2], dtype=torch.long, device=p.device)
-    self._meta_src = bank
-    self.meta = None
-
-# %% ../nbs/09_views.ipynb #92b2204c
-@patch
-def record(self: DriftRecorder, iteration: int, bank, force: bool = False):
-    "Record the bank's current prototypes (no host sync); only every `every`-th call unless `force`."
-    if self._init is None or self._init.shape != self._t(bank.protos).shape: self._start(bank)
-    self._count += 1
-    if not force and (self._count - 1) % self.every: return False
-    with torch.no_grad():
-        p = self._t(bank.protos).detach().float()
-        d0 = 1 - F.cosine_similarity(p, self._init, dim=-1, eps=1e-8)
-        d1 = 1 - F.cosine_similarity(p, self._prev, dim=-1, eps=1e-8)
-        self._prev.copy_(p)
-        u = getattr(bank, "usage", None)
-        if u is not None: self._usage_sum += self._t(u).detach().to(self._usage_sum.device, torch.long)
-        self._pending.append((int(iteration), torch.stack([d0, d1])))
-        self._last_usage = u
-    self._meta_src = bank
-    if len(self._pending) >= 256: self.flush()
-    return True
-
-# %% ../nbs/09_views.ipynb #c5c18ab7
-@patch
-def flush(self: DriftRecorder):
-    "Copy queued device records to the CPU (one transfer) and thin the history if it got long."
-    pend, self._pending = self._pending, []
-    if pend:
-        arr = torch.stack([d for _, d in pend]).cpu().numpy()          # [T,2,C,S]
-        its = [i for i, _ in pend]
-        if self.from_init.size == 0: self.from_init, self.step = arr[:, 0], arr[:, 1]
-        else:
-            self.from_init = np.concatenate([self.from_init, arr[:, 0]]); self.step = np.concatenate([self.step, arr[:, 1]])
-        self.iterations += its
-    if len(self.iterations) > self.max_len:
-        self.iterations = self.iterations[::2]; self.from_init = self.from_init[::2]; self.step = self.step[::2]
-        self.every *= 2
-    if self._meta_src is not None:
-        b = self._meta_src
-        self.meta = {k: to_numpy(getattr(b, k)).astype(bool) for k in ("valid", "is_high", "added") if getattr(b, k, None) is not None}
-        u = getattr(b, "usage", None)
-        self.meta["usage"] = None if u is None else to_numpy(u).astype(np.float64)
-        self.meta["usage_sum"] = None if self._usage_sum is None else to_numpy(self._usage_sum).astype(np.float64)
-
-# %% ../nbs/09_views.ipynb #173569cf
-@patch
-def history(self: DriftRecorder) -> dict:
-    "Numpy history: `iterations [T]`, `from_init [T,C,S]`, `step [T,C,S]`, masks and usage."
-    self.flush()
-    return {"iterations": np.asarray(self.iterations, np.int64), "from_init": self.from_init, "step": self.step,
-            **(self.meta or {})}
-
-# %% ../nbs/09_views.ipynb #b842672b
-@patch
-def state_dict(self: DriftRecorder) -> dict:
-    h = self.history()
-    return {k: v for k, v in h.items() if v is not None}
-
 # %% ../nbs/09_views.ipynb #40e72d3e
 class PrototypeDriftView(_View):
     "Per-prototype cosine distance from init and step to step over iterations, plus prototype usage."
     def __init__(self, recorder: DriftRecorder | None = None, class_names=None, history: dict | None = None, figsize=(10, 6.5)):
-        super().__init__(figsize)
+        super().__init__(figsize, "No prototypes yet.")
         self.recorder, self._history, self._names = recorder, history, class_names
         self.cls = W.Dropdown(description="class", options=[("-", 0)])
         self.yscale = W.ToggleButtons(options=["linear", "log"], value="linear", description="y scale", style={"button_width": "60px"})
         self.usage_mode = W.ToggleButtons(options=["cumulative", "last step"], value="cumulative", description="usage",
                                           style={"button_width": "80px"})
-        self.widget = W.VBox([W.HBox([self.cls, self.yscale, self.usage_mode]), self.image])
+        self.widget = W.VBox([W.HBox([self.cls, self.yscale, self.usage_mode]), self.frame])
         for w in (self.cls, self.yscale, self.usage_mode): self._observe(w, self.redraw)
         self.redraw()
 
@@ -519,7 +493,7 @@ def redraw(self: PrototypeDriftView):
             data = fi if key == "from_init" else st
             for s in np.nonzero(valid[c])[0]:
                 lab = f"{'high' if is_high[c, s] else 'low'} {s}" + (" (APO)" if added[c, s] else "")
-                y = np.maximum(data[:, c, s], 1e-12) if self.yscale.value == "log" else data[:, c, s]
+                y = np.where(data[:, c, s] > 0, data[:, c, s], np.nan) if self.yscale.value == "log" else data[:, c, s]   # log: a zero is a gap, not a spike
                 self.artists[key][int(s)], = ax.plot(its, y, color=slot_cols[s], ls="-" if is_high[c, s] else "--",
                                                      lw=2.6 if added[c, s] else 1.2, label=lab, marker="o" if len(its) == 1 else None)
             ax.set_yscale(self.yscale.value); ax.set_xlabel("iteration", fontsize=8); ax.tick_params(labelsize=7)
@@ -556,9 +530,10 @@ def _scalar(v):
 class CurvesView(_View):
     "Loss curves (every numeric `loss*` key of the step logs) and validation mIoU over iterations."
     def __init__(self, figsize=(10, 3.2)):
-        super().__init__(figsize)
+        super().__init__(figsize, "No training log yet.")
+        self.phases = {}                        # {phase name: first iteration}: dotted lines on both panels
         self.smooth = W.IntSlider(value=1, min=1, max=200, description="smooth", continuous_update=False)
-        self.widget = W.VBox([self.smooth, self.image])
+        self.widget = W.VBox([self.smooth, self.frame])
         self._observe(self.smooth, self.redraw)
         self.set_records([], [])
 
@@ -609,6 +584,11 @@ def redraw(self: CurvesView):
         for name, (x, y) in val.items():
             self.artists["val"][name], = a2.plot(x, 100 * y, marker="o", ms=3, label=name)
         a2.set_title("validation (%)", fontsize=9); a2.set_xlabel("iteration", fontsize=8); a2.tick_params(labelsize=7)
+        for name, at in sorted(self.phases.items(), key=lambda kv: kv[1]):
+            if not at: continue
+            for ax in (a1, a2):
+                self.artists.setdefault("phases", []).append(ax.axvline(at, color="0.5", ls=":", lw=1))
+            a1.text(at, 1.0, f" {name}", transform=a1.get_xaxis_transform(), fontsize=6, color="0.35", va="top")
         if val:
             a2.legend(fontsize=7)
             best = int(np.argmax(val["miou"][1])) if "miou" in val else None
@@ -616,6 +596,8 @@ def redraw(self: CurvesView):
         self._show()
 
 # %% ../nbs/09_views.ipynb #c9a9b5a6
+_LIVE = weakref.WeakSet()        # dashboards of this kernel that ran a trainer (one live run at a time)
+
 def _timed(f):
     "Accumulate the seconds spent in an event handler in `self.event_seconds`."
     def g(self, *a, **k):
@@ -653,7 +635,9 @@ class TrainingDashboard:
         self.stop_button.on_click(lambda b: self.stop())
         self.status = W.HTML("<b>idle</b>")
         self.error = W.Output()
-        self.widget = W.VBox([W.HBox([self.stop_button, self.status]), self.error, self.curves.widget, self.tabs])
+        self.messages = W.Output(layout=W.Layout(max_height="8em", overflow="auto"))   # the trainer's lines land here
+        self.widget = W.VBox([W.HBox([self.stop_button, self.status]), self.error, self.messages, self.curves.widget, self.tabs])
+        self.max_iters = None; self._ticks = []; self.follower = None
         self._lock = threading.Lock()
         self._dirty = {"curves": False, "features": False, "stats": False, "drift": False}
         self._sample = None; self._bank = None; self._bank_pending = False
@@ -668,18 +652,37 @@ class TrainingDashboard:
 # %% ../nbs/09_views.ipynb #5e0d3170
 # ---- wiring -------------------------------------------------------------------------------------
 @patch
+def describe(self: TrainingDashboard, method: str | None = None, prototypes_at: int | None = None, view_every: int | None = None,
+             semi_at: int | None = None, max_iters: int | None = None):
+    "Say what the empty views are waiting for (and mark the phases on the curves), from what is known of the run."
+    every = f"every {view_every} iterations" if view_every else "every `trainer.view_every` iterations"
+    self.features.set_note(f"No feature sample yet: the trainer sends one {every}."
+                           + (f" Prototypes start at iteration {prototypes_at}." if prototypes_at else ""))
+    self.stats.set_note(f"No feature sample yet: the trainer sends one {every}.")
+    self.drift.set_note(f"Prototypes start at iteration {prototypes_at}." if prototypes_at else
+                        f"{method or 'This method'} keeps no prototypes: nothing drifts." if method else "No prototypes yet.")
+    self.curves.phases = {k: v for k, v in (("semi", semi_at), ("prototypes", prototypes_at)) if v}
+    if max_iters: self.max_iters = int(max_iters)
+
+@patch
 def attach(self: TrainingDashboard, trainer):
     "Subscribe to `trainer`'s events (`trainer.add_callback(self)`)."
     if self.trainer is trainer: return self
     self.trainer = trainer
     if hasattr(trainer, "add_callback"): trainer.add_callback(self)
     self.stop_button.disabled = False
+    m = getattr(trainer, "method", None)
+    if m is not None:
+        self.describe(m.name, getattr(m, "proto_init_iter", None), getattr(trainer, "view_every", None),
+                      getattr(m, "teacher_start", getattr(m, "semi_start", None)), getattr(trainer, "max_iters", None))
     return self
 
 # %% ../nbs/09_views.ipynb #f964ee53
 @patch
 def stop(self: TrainingDashboard):
     "Ask the trainer to stop after the current step (it writes a checkpoint)."
+    if self.follower is not None:                   # following a run on disk: stop following, the run goes on
+        self.follower.stop(); self.stop_button.disabled = True; return
     self._stop_requested = True
     if self.trainer is not None and hasattr(self.trainer, "stop"): self.trainer.stop()
     self.stop_button.disabled = True; self.status.value = "<b>stopping…</b>"
@@ -705,8 +708,19 @@ def on_validation_end(self, trainer, metrics: dict):
 @_timed
 def on_features_sampled(self, trainer, sample: dict):
     with self._lock:
-        self._sample = {k: sample[k] for k in ("feats", "labels", "conf") if k in sample}
+        self._sample = {k: sample[k] for k in ("feats", "labels", "conf", "is_labeled", "iteration", "phase") if k in sample}
         self._dirty["features"] = self._dirty["stats"] = True
+
+@patch_to(TrainingDashboard)
+def on_iteration_end(self, trainer):
+    "Every iteration (no sync, no lock): the clock behind the status's it/s and ETA."
+    self._iteration = getattr(trainer, "iteration", self._iteration + 1)
+    self._ticks.append((time.perf_counter(), self._iteration)); del self._ticks[:-50]
+
+@patch_to(TrainingDashboard)
+def on_message(self, trainer, msg: str):
+    "The trainer's lines, in the dashboard's own output (not in whichever cell happens to run)."
+    self.messages.append_stdout(msg.rstrip("\n") + "\n")
 
 # %% ../nbs/09_views.ipynb #a5180ab3
 @patch_to(TrainingDashboard)
@@ -735,9 +749,24 @@ def on_fit_end(self, trainer):
 # %% ../nbs/09_views.ipynb #df61ddd9
 # ---- drawing (timer thread) ----------------------------------------------------------------------
 @patch
+def rate(self: TrainingDashboard) -> tuple[float | None, float | None]:
+    "(iterations per second over the last ticks, seconds left to `max_iters`) or None where unknown."
+    t = self._ticks
+    if len(t) < 2 or t[-1][0] <= t[0][0]: return None, None
+    r = (t[-1][1] - t[0][1]) / (t[-1][0] - t[0][0])
+    return r, ((self.max_iters - t[-1][1]) / r if self.max_iters and r > 0 else None)
+
+def _hms(s: float) -> str:
+    s = int(round(s)); return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+@patch
 def _set_status(self: TrainingDashboard):
     s = {"running": "running", "finished": "finished", "stopped": "stopped (checkpoint written)", "failed": "FAILED"}.get(self.state, self.state)
-    self.status.value = f"<b>{s}</b> &nbsp; iteration {self._iteration}, epoch {self._epoch} &nbsp; <small>redraws {self.draws}, " \
+    r, eta = self.rate()
+    of = f"/{self.max_iters}" if self.max_iters else ""
+    speed = (f", {r:.2f} it/s" if r else "") + (f", ETA {_hms(eta)}" if eta is not None and self.state == "running" else "")
+    note = f" &nbsp; {self.status_note}" if getattr(self, "status_note", "") else ""
+    self.status.value = f"<b>{s}</b> &nbsp; iteration {self._iteration}{of}, epoch {self._epoch}{speed}{note} &nbsp; <small>redraws {self.draws}, " \
                         f"event time {self.event_seconds:.2f}s, draw time {self.draw_seconds:.1f}s</small>"
 
 # %% ../nbs/09_views.ipynb #f679f669
@@ -761,7 +790,8 @@ def redraw(self: TrainingDashboard, all_views: bool = False):
     if do_curves: self.curves.redraw()
     if do_feat:
         snap = snapshot_bank(bank) if bank is not None else None
-        if sample is not None: self.features.set_data(sample["feats"], sample["labels"], sample["conf"], snap)
+        if sample is not None: self.features.set_data(sample["feats"], sample["labels"], sample["conf"], snap,
+                                                      sample.get("is_labeled"), sample.get("iteration"), sample.get("phase"))
         else: self.features.set_bank(snap)
     if do_stats: self.stats.set_data(sample["feats"], sample["labels"], sample["conf"])
     if do_drift: self.drift.redraw()
@@ -813,11 +843,18 @@ def _wake(self: TrainingDashboard): self._wake_evt.set()
 
 # %% ../nbs/09_views.ipynb #aaceab7b
 @patch
-def run(self: TrainingDashboard, trainer=None, block: bool = False):
-    "Run `trainer.fit()` in a background thread (the notebook stays usable); returns the thread."
+def run(self: TrainingDashboard, trainer=None, block: bool = False, exclusive: bool = True):
+    """Run `trainer.fit()` in a background thread (the notebook stays usable); returns the thread. `exclusive`: first
+    stop the runs of the other live dashboards of this kernel (a re-run cell must not orphan its old run)."""
     if trainer is not None: self.attach(trainer)
     if self.trainer is None: raise ValueError("TrainingDashboard.run: no trainer attached")
     if self.thread is not None and self.thread.is_alive(): raise RuntimeError("training is already running")
+    if exclusive:
+        for other in [d for d in list(_LIVE) if d is not self and d.thread is not None and d.thread.is_alive()]:
+            other.stop(); other.join(timeout=120)
+            self.messages.append_stdout(f"[brpg] stopped the earlier dashboard's run at iteration {other._iteration} "
+                                        f"(its checkpoint is written)\n")
+    _LIVE.add(self)
     self.exception, self.state = None, "running"
     self._set_status()
     self.start_timer()
@@ -842,11 +879,10 @@ def join(self: TrainingDashboard, timeout=None):
     return self
 
 # %% ../nbs/09_views.ipynb #658fb77f
-def read_metrics(path) -> tuple[list, list]:
-    "Parse `metrics.jsonl` into (step records, validation records) as `(iteration, dict)` pairs."
+def _parse_metrics(text: str, path, ln0: int = 1) -> tuple[list, list]:
+    "(step records, validation records) of the JSON lines in `text` (line numbers from `ln0`, for the errors)."
     steps, vals = [], []
-    path = Path(path)
-    for ln, line in enumerate(path.read_text().splitlines(), 1):
+    for ln, line in enumerate(text.splitlines(), ln0):
         if not line.strip(): continue
         try: r = json.loads(line)
         except json.JSONDecodeError as e: raise ValueError(f"{path}:{ln}: not valid JSON ({e.msg})") from None
@@ -856,6 +892,11 @@ def read_metrics(path) -> tuple[list, list]:
         is_val = "miou" in r or "val" in (r.get("type"), r.get("split"), r.get("kind"))
         (vals if is_val else steps).append((int(it), {k: v for k, v in r.items() if k not in ("iteration", "iter", "step", "it")}))
     return steps, vals
+
+def read_metrics(path) -> tuple[list, list]:
+    "Parse `metrics.jsonl` into (step records, validation records) as `(iteration, dict)` pairs."
+    path = Path(path)
+    return _parse_metrics(path.read_text(), path)
 
 # %% ../nbs/09_views.ipynb #ca434143
 def _load_ckpt(path):
@@ -957,11 +998,144 @@ def from_checkpoint(path, run_dir=None, class_names=None, method: str = "pca", f
     dash.stop_button.disabled = True; dash.status.value = f"<b>loaded</b> {path} (iteration {it})"
     return dash
 
+# %% ../nbs/09_views.ipynb #fol00002
+def _file_id(p: Path):
+    try: st = p.stat(); return st.st_ino, st.st_size
+    except FileNotFoundError: return None
+
+class RunFollower:
+    "Tails `<run_dir>/views.log` and `metrics.jsonl` into `dash` (`poll()` once, or `start()` a thread)."
+    def __init__(self, dash, run_dir, interval: float = 2.0):
+        self.dash, self.dir, self.interval = dash, Path(run_dir), interval
+        self._stop, self.thread, self.polls, self.failed = threading.Event(), None, 0, None
+        self._reset_log(); self._reset_metrics()
+    def _reset_log(self):
+        self.state, self._off, self._log_ino = ViewLogState(), 0, None
+        self._seen_sample = self._seen_bank = None; self._drift_rows = 0; self._described = False; self.last_record = None
+    def _reset_metrics(self):
+        self._moff, self._met_ino, self._mlines = 0, None, 1
+        self.dash.curves.set_records([], []); self.dash._ticks = []
+
+# %% ../nbs/09_views.ipynb #fol00003
+@patch
+def _read_metrics(self: RunFollower) -> bool:
+    p = self.dir / "metrics.jsonl"; fid = _file_id(p)
+    if fid is None: return False
+    if self._met_ino not in (None, fid[0]) or fid[1] < self._moff: self._reset_metrics()   # replaced or rewritten
+    self._met_ino = fid[0]
+    with open(p, "rb") as f: f.seek(self._moff); data = f.read()
+    end = data.rfind(b"\n") + 1                    # whole lines only
+    if not end: return False
+    text = data[:end].decode("utf-8", errors="replace")
+    steps, vals = _parse_metrics(text, p, self._mlines)
+    self._moff += end; self._mlines += text.count("\n")
+    d = self.dash
+    with d._lock:
+        for it, r in steps:
+            if r.get("type") == "error": self.failed = r.get("message", "error")
+            elif r.get("type") != "end": d.curves.steps.append((it, r)); d._iteration = max(d._iteration, it); d._epoch = r.get("epoch", d._epoch)
+        d.curves.vals.extend(vals)
+        d._dirty["curves"] = True
+    return bool(steps or vals)
+
+# %% ../nbs/09_views.ipynb #fol00004
+@patch
+def _read_log(self: RunFollower) -> bool:
+    p = self.dir / VIEW_LOG; fid = _file_id(p)
+    if fid is None: return False
+    if self._log_ino not in (None, fid[0]) or fid[1] < self._off: self._reset_log(); self._reset_metrics()
+    self._log_ino = fid[0]
+    recs, self._off = read_view_log(p, self._off)
+    if not recs: return False
+    st, d = self.state, self.dash
+    for r in recs:
+        st.add(r)
+        if r["kind"] == "resume": self._reset_metrics()     # metrics.jsonl is rewritten from the checkpoint
+    self.last_record = time.time()
+    if st.meta and not self._described:
+        m = st.meta; self._described = True
+        d.set_class_names(m.get("class_names") or None, m.get("num_classes"))
+        d.describe(m.get("method"), m.get("prototypes_at"), m.get("view_every"), m.get("semi_at"), m.get("max_iters"))
+    with d._lock:
+        d._iteration = max(d._iteration, st.iteration)
+        if st.sample is not None and st.sample is not self._seen_sample:
+            self._seen_sample = s = st.sample
+            d._sample = {k: s[k] for k in ("feats", "labels", "conf", "is_labeled", "iteration", "phase") if k in s}
+            d._dirty["features"] = d._dirty["stats"] = True
+        if st.bank is not None and st.bank is not self._seen_bank:
+            self._seen_bank = st.bank
+            d._bank = snapshot_bank(st.bank, where=str(p)); d._bank_pending = True; d._dirty["features"] = True
+        h = st.history()
+        if h is not None:
+            d.drift._history, d.drift.recorder = h, None; d._dirty["drift"] = True
+    return True
+
+@patch
+def poll(self: RunFollower) -> bool:
+    "Read what is new in the run directory and pass it to the dashboard; returns whether there was anything."
+    self.polls += 1
+    new = self._read_log() | self._read_metrics()
+    d = self.dash
+    if new: d._ticks.append((time.perf_counter(), d._iteration)); del d._ticks[:-50]
+    if self.failed: d.state = "failed"
+    elif self.state.ended: d.state = "finished"
+    ago = f"last record {time.time() - self.last_record:.0f} s ago" if self.last_record else f"waiting for {self.dir / VIEW_LOG}"
+    d.status_note = f"following <code>{self.dir}</code> ({ago})" if d.state == "following" else f"<code>{self.dir}</code>"
+    return new
+
+# %% ../nbs/09_views.ipynb #fol00005
+@patch
+def start(self: RunFollower):
+    "Poll in a thread until the run ends or `stop()`; the dashboard redraws after each poll."
+    def loop():
+        d = self.dash
+        while not self._stop.is_set():
+            try:
+                if self.poll(): d.redraw()
+                d._set_status()
+            except Exception as e: d.error.append_stderr(f"following {self.dir} failed: {e!r}\n"); break
+            if d.state != "following": break
+            self._stop.wait(self.interval)
+        d.redraw(all_views=True); d._set_status(); d.stop_button.disabled = True
+    self.thread = threading.Thread(target=loop, name="brpg-follow", daemon=True); self.thread.start()
+    return self
+
+@patch
+def stop(self: RunFollower, timeout: float = 30):
+    self._stop.set()
+    if self.thread is not None and self.thread is not threading.current_thread(): self.thread.join(timeout)
+
+@patch
+def set_class_names(self: TrainingDashboard, names, num_classes=None):
+    "Class names (and count) for every view, e.g. once a followed run's `start` record is read."
+    self.class_names = names; self.num_classes = num_classes or self.num_classes
+    for v in (self.features, self.stats): v._names, v._num_classes = names, self.num_classes
+    self.drift._names = names
+
+# %% ../nbs/09_views.ipynb #fol00006
+def follow_run(run_dir, class_names=None, method: str = "pca", interval: float = 2.0, follow: bool = True) -> TrainingDashboard:
+    "A dashboard fed from a run directory's view log and metrics (live with `follow`, else what is there now)."
+    dash = TrainingDashboard(class_names=class_names, method=method, save_state=False)
+    dash.state = "following"; dash.follower = f = RunFollower(dash, run_dir, interval)
+    dash.stop_button.description = "Stop following"; dash.stop_button.disabled = not follow
+    f.poll()
+    if class_names is not None: dash.set_class_names(class_names, len(class_names))
+    dash.redraw(all_views=True)
+    if follow and dash.state == "following": f.start()
+    else:
+        if dash.state == "following": dash.state = "loaded"
+        dash.stop_button.disabled = True; dash._set_status()
+    return dash
+
 # %% ../nbs/09_views.ipynb #bb3c52ea
 def open_run(run_dir, checkpoint: str = "last.pt", class_names=None, method: str = "pca", features="auto",
-             n_images: int = 4) -> TrainingDashboard:
-    "Open a finished (or stopped) run directory for inspection: curves, prototype bank, drift, last feature sample."
+             n_images: int = 4, follow: bool = False, interval: float = 2.0) -> TrainingDashboard:
+    """Open a run directory: with a view log (every `brpg.trainer.Trainer` run writes one) the dashboard reads it, with
+    the run's whole drift history, and `follow=True` keeps it updating while the run goes on (a directory that does not
+    exist yet is waited for). Without one: curves, the checkpoint's bank, `views_state.npz` (`from_checkpoint`)."""
     run_dir = Path(run_dir)
+    if follow or (run_dir / VIEW_LOG).exists():
+        return follow_run(run_dir, class_names=class_names, method=method, interval=interval, follow=follow)
     if not run_dir.is_dir(): raise FileNotFoundError(f"run directory {run_dir} does not exist")
     ck = run_dir / checkpoint
     if not ck.exists():
