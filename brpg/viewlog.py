@@ -211,8 +211,7 @@ def _write_drift(self: ViewLogWriter, iteration: int):
     h = self.recorder.history(); n = len(h["iterations"])
     if n <= self._rows: return
     s = slice(self._rows, n)
-    self._write("drift", iteration, {"iterations": h["iterations"][s], "from_init": h["from_init"][s].astype(np.float16),
-                                     "step": h["step"][s].astype(np.float16), "usage_sum": h.get("usage_sum"),
+    self._write("drift", iteration, {"iterations": h["iterations"][s], "from_init": h["from_init"][s], "step": h["step"][s], "usage_sum": h.get("usage_sum"),
                                      **{k: h.get(k) for k in ("valid", "is_high", "added", "usage")}})
     self._rows = n
 
@@ -222,9 +221,8 @@ def on_prototypes_initialized(self: ViewLogWriter, trainer, bank):
     it = int(getattr(trainer, "iteration", 0))
     self.recorder.reset(bank); self._rows = 0; self._bank = bank
     C, S = bank.protos.shape[:2]                       # drift rows: 15 % of the budget over the rest of the schedule
-    row = C * S * 2 * 2
+    row = C * S * 2 * 4
     self.recorder.every = max(1, math.ceil(max(1, self.max_iters - it) * row / (0.15 * self.max_bytes)))
-    self.recorder.record(it, bank, force=True)
     self._write_bank(it, first=True)
 
 @patch

@@ -20,9 +20,9 @@ from .viewlog import to_numpy, DriftRecorder, VIEW_LOG, read_view_log, ViewLogSt
 
 # %% auto #0
 __all__ = ['PROJECTIONS', 'MAX_ROWS', 'class_colors', 'BankSnapshot', 'snapshot_bank', 'project_2d', 'balanced_subset',
-           'FeatureSpaceView', 'confidence_stats', 'ConfidenceStatsView', 'PrototypeDriftView', 'CurvesView',
-           'TrainingDashboard', 'read_metrics', 'features_from_checkpoint', 'from_checkpoint', 'RunFollower',
-           'follow_run', 'open_run']
+           'FeatureSpaceView', 'confidence_stats', 'ConfidenceStatsView', 'PrototypeDriftView', 'prototype_margins',
+           'MarginView', 'CurvesView', 'TrainingDashboard', 'read_metrics', 'features_from_checkpoint',
+           'from_checkpoint', 'RunFollower', 'follow_run', 'open_run']
 
 # %% ../nbs/09_views.ipynb #7370efa8
 _GREY = np.array([0.62, 0.62, 0.62, 1.0])
@@ -214,7 +214,7 @@ class FeatureSpaceView(_View):
                  seed: int = 0, figsize=(7, 5.5)):
         super().__init__(figsize, "No feature sample yet: the trainer sends one every `trainer.view_every` iterations.")
         if method not in PROJECTIONS: raise ValueError(f"method {method!r} is not one of {list(PROJECTIONS)}")
-        self.ax = self.fig.add_subplot(); self.fig.subplots_adjust(left=0.06, right=0.78, bottom=0.06, top=0.93)
+        self.ax = self.fig.add_subplot(); self.fig.subplots_adjust(left=0.03, right=0.72, bottom=0.04, top=0.93)
         self.normalize, self.seed = normalize, seed
         self.feats = self.labels = self.conf = self.is_labeled = None; self.bank = None; self.sample_meta = {}
         self._num_classes = num_classes; self._names = class_names
@@ -254,6 +254,8 @@ def split(self: FeatureSpaceView):
     return shown & lab & (cf >= self.threshold.value), shown & lab & (cf < self.threshold.value), shown & ~lab
 
 # %% ../nbs/09_views.ipynb #ce241fae
+_UMAP_USED = [False]
+
 @patch
 def refresh(self: FeatureSpaceView):
     "Re-project if the sample, bank, sample size or method changed, then redraw."
@@ -267,8 +269,12 @@ def refresh(self: FeatureSpaceView):
             if P.shape[1:] != self.feats.shape[1:]:
                 raise ValueError(f"prototype dim {P.shape[1]} != feature dim {self.feats.shape[1]}")
             t0 = time.perf_counter()
+            first_umap = self.method.value == "umap" and not _UMAP_USED[0]
+            if first_umap:    # the first UMAP in a kernel compiles numba code: say so before the kernel is busy
+                self.status.value = "<small>UMAP: compiling on first use (about 15 s) …</small>"
             emb = project_2d(np.concatenate([self.feats[self._idx], P]), self.method.value, self.normalize, self.seed)
             self.projection_seconds = time.perf_counter() - t0
+            if self.method.value == "umap": _UMAP_USED[0] = True
             self._emb, self._emb_protos = emb[:k], emb[k:]
             lo, hi = (emb.min(0), emb.max(0)) if len(emb) else (np.zeros(2) - 1, np.ones(2))
             pad = 0.05 * np.maximum(hi - lo, 1e-6); self._lims = (lo - pad, hi + pad)
@@ -307,9 +313,9 @@ def redraw(self: FeatureSpaceView):
         ax.set_title(f"{self.method.value.upper()} of {len(self._idx)} class-balanced features + {len(self._emb_protos)} "
                      f"prototypes{' (' + when + ')' if when else ''}", fontsize=9)
         grey = "0.35"
-        kinds = [Line2D([], [], ls="", marker="o", color=grey, label=f"labeled, conf ≥ {self.threshold.value:.2f} ({hi.sum()})"),
-                 Line2D([], [], ls="", marker="^", mfc="none", color=grey, label=f"labeled, conf < {self.threshold.value:.2f} ({lo.sum()})"),
-                 *([Line2D([], [], ls="", marker="s", color=grey, alpha=0.6, label=f"pseudo-labeled ({ps.sum()})")] if ps.any() else []),
+        kinds = [Line2D([], [], ls="", marker="o", color=grey, label=f"high conf ({hi.sum()})"),
+                 Line2D([], [], ls="", marker="^", mfc="none", color=grey, label=f"low conf ({lo.sum()})"),
+                 *([Line2D([], [], ls="", marker="s", color=grey, alpha=0.6, label=f"pseudo-label ({ps.sum()})")] if ps.any() else []),
                  Line2D([], [], ls="", marker="X", color=grey, mec="k", ms=10, label="high prototype"),
                  Line2D([], [], ls="", marker="v", color=grey, mec="k", ms=9, label="low prototype"),
                  Line2D([], [], ls="", marker="o", mfc="none", mec="k", ms=14, mew=1.8, label="APO-added")]
@@ -419,7 +425,7 @@ def redraw(self: ConfidenceStatsView):
         present = [c for c in range(C) if st["count"][c] > 0][:24]
         nc = max(1, math.ceil(math.sqrt(max(len(present), 1))))
         nr = max(1, math.ceil(len(present) / nc))
-        gs = self.fig.add_gridspec(nr, 2 * nc + 1, wspace=0.45, hspace=0.75, left=0.06, right=0.86, top=0.88, bottom=0.16)
+        gs = self.fig.add_gridspec(nr, 2 * nc + 1, wspace=0.45, hspace=0.75, left=0.06, right=0.86, top=0.88, bottom=0.22)
         w = np.diff(st["edges"])
         for i, c in enumerate(present):
             ax = self.fig.add_subplot(gs[i // nc, i % nc])
@@ -517,6 +523,67 @@ def redraw(self: PrototypeDriftView):
         ax.set_yticks(range(C), [names[k] for k in range(C)], fontsize=6); ax.set_xticks(range(S), ["H" if is_high[0, s] else "L" for s in range(S)], fontsize=7)
         ax.set_title(f"distance from init at it {its[-1]} (red = APO)", fontsize=9)
         self.fig.colorbar(im, ax=ax, fraction=0.05)
+        self._show()
+
+# %% ../nbs/09_views.ipynb #mar00002
+def prototype_margins(feats, labels, bank) -> dict:
+    """Per pixel: `margin` = cos to the nearest own-class prototype - cos to the nearest other-class one, and `own_low`
+    (the nearest own prototype is a low-confidence one). Pixels of a class without valid prototypes get NaN / False."""
+    f = to_numpy(feats, np.float64); y = to_numpy(labels).astype(np.int64); b = snapshot_bank(bank)
+    C, S, D = b.protos.shape
+    if f.ndim != 2 or f.shape[1] != D: raise ValueError(f"prototype_margins: features {f.shape} do not match prototypes of dim {D}")
+    p = b.protos.astype(np.float64)
+    p = p / np.maximum(np.linalg.norm(p, axis=-1, keepdims=True), 1e-12)
+    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    sim = np.where(b.valid[None], np.einsum("nd,csd->ncs", f, p), -np.inf)          # [N,C,S]
+    ok = (y >= 0) & (y < C)
+    yc = np.clip(y, 0, C - 1)
+    own = sim[np.arange(len(y)), yc]                                               # [N,S]
+    other = np.where(np.arange(C)[None, :, None] == yc[:, None, None], -np.inf, sim).reshape(len(y), -1).max(1)
+    best = own.max(1); valid_px = ok & np.isfinite(best) & np.isfinite(other)
+    slot = own.argmax(1)
+    return {"margin": np.where(valid_px, best - other, np.nan),
+            "own_low": valid_px & ~b.is_high[yc, slot], "valid": valid_px}
+
+# %% ../nbs/09_views.ipynb #mar00004
+class MarginView(_View):
+    "Margins to the nearest other-class prototype of confident vs unconfident pixels, and which prototype kind serves them."
+    def __init__(self, threshold: float = 0.8, figsize=(10, 3.6)):
+        super().__init__(figsize, "Margins need a feature sample and prototypes.")
+        self.threshold = W.FloatSlider(value=threshold, min=0.0, max=1.0, step=0.01, description="threshold",
+                                       continuous_update=False, readout_format=".2f")
+        self.widget = W.VBox([self.threshold, self.frame])
+        self._observe(self.threshold, self.redraw)
+        self.feats = self.bank = None; self.result = None
+
+@patch
+def set_data(self: MarginView, feats, labels, conf, bank, is_labeled=None):
+    with self._lock:
+        self.feats, self.labels, self.conf = _check_sample(feats, labels, conf, "MarginView")
+        self.is_labeled = None if is_labeled is None else to_numpy(is_labeled).astype(bool)
+        self.bank = snapshot_bank(bank); self.result = prototype_margins(self.feats, self.labels, self.bank)
+    self.redraw()
+
+@patch
+def redraw(self: MarginView):
+    with self._lock:
+        if self.result is None: return
+        r, t = self.result, self.threshold.value
+        hi = r["valid"] & (self.conf >= t); lo = r["valid"] & (self.conf < t)
+        self.fig.clear(); self.artists = {}
+        a1, a2 = self.fig.subplots(1, 2, gridspec_kw=dict(width_ratios=[2, 1], wspace=0.3, left=0.07, right=0.97, top=0.86, bottom=0.16))
+        m = r["margin"][r["valid"]]
+        edges = np.linspace(min(-0.5, np.nanmin(m) if len(m) else 0), max(1.0, np.nanmax(m) if len(m) else 1), 41)
+        for key, sel, col in (("high", hi, "tab:blue"), ("low", lo, "tab:orange")):
+            self.artists[f"hist_{key}"] = a1.hist(r["margin"][sel], bins=edges, density=bool(sel.any()), histtype="step", lw=1.6, color=col,
+                                                  label=f"conf {'≥' if key == 'high' else '<'} {t:.2f} (n={sel.sum()}, median {np.median(r['margin'][sel]) if sel.any() else float('nan'):.2f})")
+        a1.axvline(0, color="k", lw=0.8); a1.set_xlabel("cos(own nearest prototype) - cos(nearest other-class prototype)", fontsize=8)
+        a1.set_ylabel("density", fontsize=8); a1.tick_params(labelsize=7); a1.legend(fontsize=7, loc="upper left")
+        a1.set_title("margin to the class boundary, in prototype space (< 0: nearer another class)", fontsize=9)
+        share = [r["own_low"][sel].mean() if sel.any() else np.nan for sel in (hi, lo)]
+        self.artists["share_low"] = a2.bar(["conf ≥ thr", "conf < thr"], np.nan_to_num(share), color=["tab:blue", "tab:orange"])
+        a2.set_ylim(0, 1); a2.set_ylabel("served by a low-confidence prototype", fontsize=8); a2.tick_params(labelsize=7)
+        a2.set_title("which prototype is nearest", fontsize=9)
         self._show()
 
 # %% ../nbs/09_views.ipynb #73b1e970
@@ -628,8 +695,9 @@ class TrainingDashboard:
         self.drift = PrototypeDriftView(self.recorder, class_names=class_names)
         self.features.threshold.observe(lambda ch: setattr(self.stats.threshold, "value", ch["new"]), "value")
         self.stats.threshold.observe(lambda ch: setattr(self.features.threshold, "value", ch["new"]), "value")
-        self.tabs = W.Tab(children=[self.features.widget, self.stats.widget, self.drift.widget])
-        for i, t in enumerate(["feature space", "confidence", "prototype drift"]): self.tabs.set_title(i, t)
+        self.margins = MarginView(threshold=threshold)
+        self.tabs = W.Tab(children=[self.features.widget, self.stats.widget, self.drift.widget, self.margins.widget])
+        for i, t in enumerate(["feature space", "confidence", "prototype drift", "prototype margins"]): self.tabs.set_title(i, t)
         self.tabs.observe(lambda ch: self._wake(), "selected_index")
         self.stop_button = W.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
         self.stop_button.on_click(lambda b: self.stop())
@@ -639,7 +707,8 @@ class TrainingDashboard:
         self.widget = W.VBox([W.HBox([self.stop_button, self.status]), self.error, self.messages, self.curves.widget, self.tabs])
         self.max_iters = None; self._ticks = []; self.follower = None
         self._lock = threading.Lock()
-        self._dirty = {"curves": False, "features": False, "stats": False, "drift": False}
+        self._dirty = {"curves": False, "features": False, "stats": False, "drift": False, "margins": False}
+        self._margin_bank = None
         self._sample = None; self._bank = None; self._bank_pending = False
         self._last_feature_draw = -float("inf"); self._iteration = 0; self._epoch = 0
         self._timer = None; self._timer_stop = threading.Event(); self._wake_evt = threading.Event()
@@ -709,7 +778,7 @@ def on_validation_end(self, trainer, metrics: dict):
 def on_features_sampled(self, trainer, sample: dict):
     with self._lock:
         self._sample = {k: sample[k] for k in ("feats", "labels", "conf", "is_labeled", "iteration", "phase") if k in sample}
-        self._dirty["features"] = self._dirty["stats"] = True
+        self._dirty["features"] = self._dirty["stats"] = self._dirty["margins"] = True
 
 @patch_to(TrainingDashboard)
 def on_iteration_end(self, trainer):
@@ -728,7 +797,7 @@ def on_message(self, trainer, msg: str):
 def on_prototypes_initialized(self, trainer, bank):
     with self._lock:
         self.recorder.reset(bank); self._bank = bank; self._bank_pending = True
-        self._dirty["features"] = self._dirty["drift"] = True
+        self._dirty["features"] = self._dirty["drift"] = self._dirty["margins"] = True
 
 # %% ../nbs/09_views.ipynb #6a62f7fe
 @patch_to(TrainingDashboard)
@@ -782,11 +851,14 @@ def redraw(self: TrainingDashboard, all_views: bool = False):
                    and (all_views or time.perf_counter() - self._last_feature_draw >= self.feature_interval))
         do_stats = (all_views or tab == 1) and d["stats"] and sample is not None
         do_drift = (all_views or tab == 2) and d["drift"]
+        do_marg = (all_views or tab == 3) and d["margins"] and sample is not None and self._bank is not None
+        mbank = self._bank if do_marg else None
         bank = self._bank if (do_feat and self._bank_pending) else None
         if do_curves: d["curves"] = False
         if do_feat: d["features"] = False; self._last_feature_draw = time.perf_counter(); self._bank_pending = bank is None and self._bank_pending
         if do_stats: d["stats"] = False
         if do_drift: d["drift"] = False; self.recorder.flush()
+        if do_marg: d["margins"] = False
     if do_curves: self.curves.redraw()
     if do_feat:
         snap = snapshot_bank(bank) if bank is not None else None
@@ -795,7 +867,8 @@ def redraw(self: TrainingDashboard, all_views: bool = False):
         else: self.features.set_bank(snap)
     if do_stats: self.stats.set_data(sample["feats"], sample["labels"], sample["conf"])
     if do_drift: self.drift.redraw()
-    drew = do_curves or do_feat or do_stats or do_drift
+    if do_marg: self.margins.set_data(sample["feats"], sample["labels"], sample["conf"], snapshot_bank(mbank), sample.get("is_labeled"))
+    drew = do_curves or do_feat or do_stats or do_drift or do_marg
     if drew: self.draws += 1; self.draw_seconds += time.perf_counter() - t0
     self._set_status()
     return drew
@@ -1061,10 +1134,10 @@ def _read_log(self: RunFollower) -> bool:
         if st.sample is not None and st.sample is not self._seen_sample:
             self._seen_sample = s = st.sample
             d._sample = {k: s[k] for k in ("feats", "labels", "conf", "is_labeled", "iteration", "phase") if k in s}
-            d._dirty["features"] = d._dirty["stats"] = True
+            d._dirty["features"] = d._dirty["stats"] = d._dirty["margins"] = True
         if st.bank is not None and st.bank is not self._seen_bank:
             self._seen_bank = st.bank
-            d._bank = snapshot_bank(st.bank, where=str(p)); d._bank_pending = True; d._dirty["features"] = True
+            d._bank = snapshot_bank(st.bank, where=str(p)); d._bank_pending = True; d._dirty["features"] = d._dirty["margins"] = True
         h = st.history()
         if h is not None:
             d.drift._history, d.drift.recorder = h, None; d._dirty["drift"] = True

@@ -64,7 +64,7 @@ def test_class_filter_hides_points_and_prototypes(fv, syn, bank):
 def test_sample_size_slider_reprojects(fv, syn):
     fv.sample_size.value = 400
     assert n_pts(fv.artists["high"]) + n_pts(fv.artists["low"]) == 400 and len(fv._idx) == 400
-    assert fv.ax.get_title().startswith("PCA of 400 features")
+    assert fv.ax.get_title().startswith("PCA of 400 class-balanced features")
     fv.sample_size.value = 5000                                              # more than N: all rows
     assert n_pts(fv.artists["high"]) + n_pts(fv.artists["low"]) == len(syn["labels"])
 
@@ -247,10 +247,13 @@ def test_dashboard_with_real_trainer(tmp_path):
     assert len(h["iterations"]) > 0 and h["from_init"].shape[1:] == tuple(tr.method.bank.protos.shape[:2])
     assert n_pts(dash.features.artists["high"]) + n_pts(dash.features.artists["low"]) > 0
     assert n_pts(dash.features.artists["proto_high"]) + n_pts(dash.features.artists["proto_low"]) == int(tr.method.bank.valid.sum())
-    od = open_run(tmp_path)
-    assert od.class_names == tr.class_names
-    np.testing.assert_allclose(od.drift.history()["from_init"], h["from_init"])
-    (tmp_path / "views_state.npz").unlink()                       # no saved sample: computed from the checkpoint's model
+    od = open_run(tmp_path)                                       # the run's view log: the same drift history
+    assert od.class_names == tr.class_names and od.state == "finished"
+    np.testing.assert_array_equal(od.drift.history()["iterations"], h["iterations"])
+    np.testing.assert_allclose(od.drift.history()["from_init"], h["from_init"], rtol=1e-6, atol=1e-7)
+    assert od.features.is_labeled is not None and od.features.sample_meta["phase"] in ("sampling", "prototypes", "semi")
+    (tmp_path / "views.log").unlink()                             # an older run without a view log ...
+    (tmp_path / "views_state.npz").unlink()                       # ... nor a saved sample: computed from the checkpoint's model
     od2 = open_run(tmp_path, n_images=2)
     assert not od2.error.outputs, od2.error.outputs
     assert od2.drift.history()["from_init"].shape == (1,) + tuple(tr.method.bank.protos.shape[:2])

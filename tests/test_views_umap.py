@@ -14,7 +14,7 @@ def test_projection_method_switch_reprojects():
     fv = FeatureSpaceView(**s, bank=SyntheticBank(s["feats"], s["labels"], s["conf"]), sample_size=300)
     pca, pca_protos, renders = fv._emb.copy(), fv._emb_protos.copy(), fv.renders
     fv.method.value = "umap"
-    assert fv.ax.get_title().startswith("UMAP of 300 features") and fv.renders == renders + 1
+    assert fv.ax.get_title().startswith("UMAP of 300 class-balanced features") and fv.renders == renders + 1
     assert fv._emb.shape == pca.shape and not np.allclose(fv._emb, pca)
     assert len(fv._emb_protos) == len(pca_protos)                         # prototypes embedded with the features
     n = lambda k: len(fv.artists[k].get_offsets())
