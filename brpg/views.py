@@ -595,10 +595,13 @@ def _scalar(v):
 
 # %% ../nbs/09_views.ipynb #3c234e44
 class CurvesView(_View):
-    "Loss curves (every numeric `loss*` key of the step logs) and validation mIoU over iterations."
-    def __init__(self, figsize=(10, 3.2)):
+    """Loss curves (every numeric `loss*` key of the step logs), validation metrics over iterations and the newest
+    validation's per-class IoU; other runs can be overlaid (`overlay`)."""
+    def __init__(self, figsize=(12, 3.4), class_names=None):
         super().__init__(figsize, "No training log yet.")
         self.phases = {}                        # {phase name: first iteration}: dotted lines on both panels
+        self.overlays = {}                      # {label: (steps, vals)} of other runs, drawn dashed
+        self._names = class_names
         self.smooth = W.IntSlider(value=1, min=1, max=200, description="smooth", continuous_update=False)
         self.widget = W.VBox([self.smooth, self.frame])
         self._observe(self.smooth, self.redraw)
@@ -641,26 +644,61 @@ def redraw(self: CurvesView):
     with self._lock:
         losses, val = self.series()
         self.fig.clear(); self.artists = {"loss": {}, "val": {}}
-        a1, a2 = self.fig.subplots(1, 2, gridspec_kw=dict(wspace=0.25, left=0.06, right=0.98, top=0.88, bottom=0.16))
+        a1, a2, a3 = self.fig.subplots(1, 3, gridspec_kw=dict(width_ratios=[1, 1, 0.6], wspace=0.3, left=0.05, right=0.98, top=0.88, bottom=0.16))
         k = self.smooth.value
         for name, (x, y) in losses.items():
             if k > 1 and len(y) >= k: y = np.convolve(y, np.ones(k) / k, mode="valid"); x = x[k - 1:]
             self.artists["loss"][name], = a1.plot(x, y, lw=1.2 if name == "loss" else 0.9, label=name)
         a1.set_title("training losses", fontsize=9); a1.set_xlabel("iteration", fontsize=8); a1.tick_params(labelsize=7)
-        if losses: a1.legend(fontsize=7)
+        if losses: a1.legend(fontsize=7)  # (re-done below when overlays add lines)
         for name, (x, y) in val.items():
             self.artists["val"][name], = a2.plot(x, 100 * y, marker="o", ms=3, label=name)
         a2.set_title("validation (%)", fontsize=9); a2.set_xlabel("iteration", fontsize=8); a2.tick_params(labelsize=7)
+        for lab, (st_, va_) in self.overlays.items():      # other runs: total loss and val mIoU, dashed
+            if st_:
+                x = np.array([i for i, r in st_ if _scalar(r.get("loss")) is not None]); y = np.array([_scalar(r["loss"]) for i, r in st_ if _scalar(r.get("loss")) is not None])
+                if len(x): self.artists.setdefault("overlay_loss", {})[lab], = a1.plot(x, y, ls="--", lw=0.9, color="0.3", label=f"loss ({lab})")
+            v = [(i, _scalar(r["miou"])) for i, r in va_ if "miou" in r]
+            if v: self.artists.setdefault("overlay_val", {})[lab], = a2.plot(*zip(*[(i, 100 * m) for i, m in v]), ls="--", marker="s", ms=2.5, color="0.3", label=f"miou ({lab})")
+        last = next((m for _, m in reversed(self.vals) if isinstance(m.get("iou"), (list, tuple)) and m["iou"]), None)
+        if last is not None:
+            iou = np.array([np.nan if v is None else float(v) for v in last["iou"]])
+            names = _class_names(self._names, len(iou))
+            self.artists["iou"] = a3.barh(np.arange(len(iou)), 100 * np.nan_to_num(iou), color=class_colors(len(iou), self._names))
+            a3.set_yticks(np.arange(len(iou)), names, fontsize=6 if len(iou) <= 30 else 4); a3.invert_yaxis(); a3.set_xlim(0, 100)
+            a3.set_title(f"per-class IoU (%), iteration {next(i for i, m in reversed(self.vals) if m is last)}", fontsize=9)
+        else: a3.set_axis_off()
+        a3.tick_params(axis="x", labelsize=7)
         for name, at in sorted(self.phases.items(), key=lambda kv: kv[1]):
             if not at: continue
             for ax in (a1, a2):
                 self.artists.setdefault("phases", []).append(ax.axvline(at, color="0.5", ls=":", lw=1))
             a1.text(at, 1.0, f" {name}", transform=a1.get_xaxis_transform(), fontsize=6, color="0.35", va="top")
-        if val:
+        if self.overlays: a1.legend(fontsize=6)
+        if val or self.overlays:
             a2.legend(fontsize=7)
-            best = int(np.argmax(val["miou"][1])) if "miou" in val else None
+            best = int(np.argmax(val["miou"][1])) if val and "miou" in val else None
             if best is not None: a2.set_title(f"validation (%): best mIoU {100 * val['miou'][1][best]:.2f} at it {val['miou'][0][best]}", fontsize=9)
         self._show()
+
+# %% ../nbs/09_views.ipynb #ovl00001
+@patch
+def overlay(self: CurvesView, run_dir_or_records, label: str | None = None):
+    "Draw another run's total loss and validation mIoU dashed beside this one (a run directory, or `(steps, vals)`)."
+    if isinstance(run_dir_or_records, (str, os.PathLike)):
+        p = Path(run_dir_or_records); f = p if p.suffix == ".jsonl" else p / "metrics.jsonl"
+        if not f.exists(): raise FileNotFoundError(f"overlay: {f} does not exist")
+        recs, label = read_metrics(f), label or (p.parent.name if p.suffix == ".jsonl" else p.name)
+    else: recs = run_dir_or_records
+    self.overlays[label or f"run {len(self.overlays) + 1}"] = recs
+    self.redraw(); return self
+
+@patch
+def export(self: _View, path, dpi: int | None = None):
+    "Save the view's figure (format from the suffix: png, svg, pdf; png at the view's HiDPI resolution by default)."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    with self._lock: self.fig.savefig(path, dpi=dpi or self.dpi)
+    return path
 
 # %% ../nbs/09_views.ipynb #c9a9b5a6
 _LIVE = weakref.WeakSet()        # dashboards of this kernel that ran a trainer (one live run at a time)
@@ -687,7 +725,7 @@ class TrainingDashboard:
         if num_classes is None and cfg is not None: num_classes = cfg.data.num_classes
         if threshold is None: threshold = cfg.method.high_threshold if cfg is not None else 0.8
         self.class_names, self.num_classes = class_names, num_classes
-        self.curves = CurvesView()
+        self.curves = CurvesView(class_names=class_names)
         self.features = FeatureSpaceView(class_names=class_names, num_classes=num_classes, threshold=threshold,
                                          method=method, sample_size=sample_size)
         self.stats = ConfidenceStatsView(class_names=class_names, num_classes=num_classes, threshold=threshold)
@@ -1183,7 +1221,18 @@ def set_class_names(self: TrainingDashboard, names, num_classes=None):
     "Class names (and count) for every view, e.g. once a followed run's `start` record is read."
     self.class_names = names; self.num_classes = num_classes or self.num_classes
     for v in (self.features, self.stats): v._names, v._num_classes = names, self.num_classes
-    self.drift._names = names
+    self.drift._names = self.curves._names = names
+
+@patch
+def export(self: TrainingDashboard, folder, fmt: str = "png") -> list:
+    "Save every view's figure that has been drawn into `folder` (`curves.png`, `features.png`, ...); returns the paths."
+    views = {"curves": self.curves, "features": self.features, "confidence": self.stats, "drift": self.drift, "margins": self.margins}
+    return [v.export(Path(folder) / f"{k}.{fmt}") for k, v in views.items() if v.renders]
+
+@patch
+def compare(self: TrainingDashboard, run_dir, label: str | None = None):
+    "Overlay another run's curves (e.g. the mean teacher beside BRPG) on this dashboard's."
+    self.curves.overlay(run_dir, label); return self
 
 # %% ../nbs/09_views.ipynb #fol00006
 def follow_run(run_dir, class_names=None, method: str = "pca", interval: float = 2.0, follow: bool = True) -> TrainingDashboard:

@@ -2,7 +2,8 @@
 by Playwright with Debian's Chromium. It opens a synthetic-data demo notebook, runs it, moves the feature
 view's threshold slider with the keyboard and checks that the kernel re-rendered the figure; then it checks
 that the training dashboard, fed by a trainer running in a background thread, updates the page by itself, and
-that its Stop button ends a long run.
+that its Stop button ends a long run; it checks that the figures are crisp on a 2x screen, and follows a `brpg train`
+started in a subprocess (no trainer in the kernel) until it finishes.
 
 Skipped (with the reason) only when chromium or playwright is missing, and never under CI=true."""
 import os, secrets, shutil, subprocess, sys, tempfile, time, urllib.request
@@ -94,12 +95,12 @@ def test_views_in_jupyterlab(lab):
         browser = p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
                                     headless=True, args=CHROME_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1500, "height": 1100})
+            page = browser.new_page(viewport={"width": 1500, "height": 1100}, device_scale_factor=2)   # a HiDPI screen
             page.set_default_timeout(45_000)
             page.goto(f"{url}/lab/tree/views_demo.ipynb?token={token}")
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
             cells = page.locator(".jp-Notebook .jp-Cell.jp-CodeCell")
-            expect(cells).to_have_count(3, timeout=30_000)
+            expect(cells).to_have_count(4, timeout=30_000)
             # run the feature-view cell
             _run_cell(page, cells.nth(0))
             out0 = cells.nth(0).locator(".jp-OutputArea")
@@ -111,6 +112,13 @@ def test_views_in_jupyterlab(lab):
             src0, text0 = img.get_attribute("src"), status.inner_text()
             shot0 = img.screenshot()
             _no_traceback(page)
+            # crisp on a 2x screen: the PNG has 2 device pixels per CSS pixel, shown at its own CSS size (not stretched)
+            nat, css = img.evaluate("el => [el.naturalWidth, el.getBoundingClientRect().width]")
+            assert abs(nat - 2 * css) <= 2, (nat, css)
+            from PIL import Image as PILImage
+            import io as _io
+            sw = PILImage.open(_io.BytesIO(shot0)).size[0]
+            assert abs(sw - 2 * css) <= 4, f"screenshot is {sw} px wide, not 2 x {css} CSS px"
             # move the threshold slider (the first slider of the view) by keyboard: 0.70 -> 0.80
             handle = out0.locator(".widget-slider [role=slider]").first
             handle.focus()
@@ -146,9 +154,23 @@ def test_views_in_jupyterlab(lab):
             page.wait_for_function("el => /running.*iteration [1-9]/.test(el.innerText)", arg=st2.element_handle(), timeout=30_000)
             out2.locator("button:has-text('Stop')").click()
             page.wait_for_function("el => el.innerText.includes('stopped')", arg=st2.element_handle(), timeout=30_000)
-            it = int(st2.inner_text().split("iteration ")[1].split(",")[0])
+            it = int(st2.inner_text().split("iteration ")[1].split(",")[0].split("/")[0])
             assert 0 < it < 100_000
             assert out2.locator("button:has-text('Stop')").is_disabled()
+            _no_traceback(page)
+            # following `brpg train` started in a subprocess: no trainer in the kernel, the page updates by itself
+            _run_cell(page, cells.nth(3))
+            out3 = cells.nth(3).locator(".jp-OutputArea")
+            st3 = out3.locator(".widget-html-content").first
+            st3.wait_for(state="visible", timeout=60_000)
+            page.wait_for_function("el => /following.*iteration [1-9]/.test(el.innerText)", arg=st3.element_handle(), timeout=120_000)
+            seen = {st3.inner_text().split("iteration ")[1].split(",")[0]}
+            page.wait_for_function("el => el.innerText.startsWith('finished')", arg=st3.element_handle(), timeout=240_000)
+            seen.add(st3.inner_text().split("iteration ")[1].split(",")[0])
+            assert "24/24" in seen and len(seen) >= 2, seen              # it moved on its own, to the last iteration
+            shown = out3.locator(".widget-image:visible")                 # the curves and the feature view (first tab)
+            expect(shown).to_have_count(2, timeout=30_000)
+            assert all(w > 0 for w in shown.evaluate_all("els => els.map(e => e.naturalWidth)"))
             _no_traceback(page)
         except Exception:
             try:  # diagnostics for a failing run
