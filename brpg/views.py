@@ -141,9 +141,16 @@ class _View:
     CSS pixel (crisp on HiDPI screens), sized to the figure in CSS pixels (never stretched); a sentence (`set_note`)
     stands in for the figure until the first render; one lock."""
     css_ppi, scale = 96, 2
-    def __init__(self, figsize, note: str = "Nothing to show yet."):
-        self.fig = Figure(figsize=figsize); FigureCanvasAgg(self.fig)
+    def __init__(self, figsize, note: str = "Nothing to show yet.", interactive: bool = False):
+        self.fig = Figure(figsize=figsize, dpi=self.css_ppi)   # ipympl shows a figure at its dpi in CSS pixels
         self.css_width = round(figsize[0] * self.css_ppi)
+        self.canvas = None
+        if interactive:   # ipympl: the figure is a live canvas widget (zoom, pan, clicks; HiDPI handled by ipympl)
+            try: from ipympl.backend_nbagg import Canvas, FigureManager
+            except ImportError: raise ImportError("interactive views need ipympl (pip install ipympl)") from None
+            self.canvas = Canvas(self.fig); FigureManager(self.canvas, 0)
+            self.canvas.header_visible = False; self.canvas.resizable = False
+        else: FigureCanvasAgg(self.fig)
         lay = lambda: W.Layout(width=f"{self.css_width}px", max_width="100%")
         self.image = W.Image(format="png", layout=lay())
         self.note = W.HTML(_note_html(note), layout=lay())
@@ -161,8 +168,11 @@ class _View:
         "Say why there is no figure (shown until the next render)."
         self.note.value = _note_html(text); self.frame.children = (self.note,)
     def _show(self):
-        self.image.value = _png(self.fig, self.dpi); self.renders += 1
-        if self.frame.children[0] is not self.image: self.frame.children = (self.image,)
+        shown = self.image if self.canvas is None else self.canvas
+        if self.canvas is None: self.image.value = _png(self.fig, self.dpi)
+        else: self.canvas.draw_idle()
+        self.renders += 1
+        if self.frame.children[0] is not shown: self.frame.children = (shown,)
     def _repr_mimebundle_(self, **kw): return self.widget._repr_mimebundle_(**kw)
 
 # %% ../nbs/09_views.ipynb #403e8b42
@@ -211,8 +221,8 @@ class FeatureSpaceView(_View):
     "2-D projection of pixel features (coloured by class, high/low confidence markers) with the prototypes overlaid."
     def __init__(self, feats=None, labels=None, conf=None, bank=None, class_names=None, num_classes=None,
                  threshold: float = 0.8, method: str = "pca", sample_size: int = 2000, normalize: bool = True,
-                 seed: int = 0, figsize=(7, 5.5)):
-        super().__init__(figsize, "No feature sample yet: the trainer sends one every `trainer.view_every` iterations.")
+                 seed: int = 0, figsize=(7, 5.5), interactive: bool = False):
+        super().__init__(figsize, "No feature sample yet: the trainer sends one every `trainer.view_every` iterations.", interactive)
         if method not in PROJECTIONS: raise ValueError(f"method {method!r} is not one of {list(PROJECTIONS)}")
         self.ax = self.fig.add_subplot(); self.fig.subplots_adjust(left=0.03, right=0.72, bottom=0.04, top=0.93)
         self.normalize, self.seed = normalize, seed
@@ -229,7 +239,10 @@ class FeatureSpaceView(_View):
         self.method = W.ToggleButtons(options=list(PROJECTIONS), value=method, description="projection",
                                       style={"button_width": "60px"})
         self.status = W.HTML()
-        self.widget = W.HBox([W.VBox([self.classes, self.threshold, self.sample_size, self.method, self.status]), self.frame])
+        self.readout = W.HTML(layout=W.Layout(width="230px"))      # what a clicked point is (interactive)
+        self._rows, self.picked = {}, None
+        self.widget = W.HBox([W.VBox([self.classes, self.threshold, self.sample_size, self.method, self.status, self.readout]), self.frame])
+        if self.canvas is not None: self.canvas.mpl_connect("button_press_event", self._on_click)
         self._observe(self.threshold, self.redraw); self._observe(self.classes, self.redraw)
         self._observe(self.sample_size, self._size_changed); self._observe(self.method, self.refresh)
         if feats is not None: self.set_data(feats, labels, conf, bank)
@@ -295,6 +308,7 @@ def redraw(self: FeatureSpaceView):
         self.artists["high"] = ax.scatter(*self._emb[hi].T, s=9, c=cols[y[hi]], marker="o", linewidths=0, alpha=0.7)
         self.artists["low"] = ax.scatter(*self._emb[lo].T, s=14, marker="^", facecolors="none",
                                          edgecolors=cols[y[lo]], linewidths=0.7, alpha=0.8)
+        self._rows = {"pseudo": self._idx[ps], "high": self._idx[hi], "low": self._idx[lo]}    # artist point -> sample row
         if self.bank is not None and len(self._emb_protos):
             b = self.bank; cls = np.nonzero(b.valid)[0]
             ph, pa = b.is_high[b.valid], b.added[b.valid]
@@ -360,6 +374,46 @@ def set_data(self: FeatureSpaceView, feats, labels, conf, bank=None, is_labeled=
         if bank is not None: self.bank = snapshot_bank(bank)
         self._sync_controls(); self._proj_key = None
     self.refresh()
+
+# %% ../nbs/09_views.ipynb #int00002
+@patch
+def inspect(self: FeatureSpaceView, row: int) -> str:
+    "Describe sample row `row` in the readout and ring it in the figure; returns the text."
+    with self._lock:
+        row = int(row); names = _class_names(self._names, self.num_classes)
+        y, cf = int(self.labels[row]), float(self.conf[row])
+        lab = None if self.is_labeled is None else bool(self.is_labeled[row])
+        kind = "pseudo-labeled (unlabeled image)" if lab is False else "labeled" + (" (ground truth)" if lab else "")
+        side = "high" if cf >= self.threshold.value else "low"
+        it = self.sample_meta.get("iteration")
+        text = (f"<b>{names[y]}</b> (class {y})<br>confidence {cf:.3f} ({side})<br>{kind}"
+                + (f"<br>sample of iteration {it}" if it is not None else "") + f"<br><small>row {row}</small>")
+        self.readout.value = text; self.picked = row
+        j = np.searchsorted(self._idx, row)
+        if j < len(self._idx) and self._idx[j] == row:
+            if "picked" in self.artists: self.artists["picked"].remove()
+            self.artists["picked"] = self.ax.scatter(*self._emb[j], s=260, facecolors="none", edgecolors="k", linewidths=2, zorder=5)
+            self._show()
+        return text
+
+@patch
+def nearest_row(self: FeatureSpaceView, x: float, y: float, radius: float = 8.0):
+    "The sample row of the shown point nearest to display position `(x, y)` (pixels), if within `radius` CSS pixels."
+    with self._lock:
+        if self._emb is None: return None
+        m = np.logical_or.reduce(self.split())
+        if not m.any(): return None
+        d = np.hypot(*(self.ax.transData.transform(self._emb[m]) - np.array([x, y])).T)
+        j = int(d.argmin())
+        return int(self._idx[m][j]) if d[j] <= radius * self.fig.dpi / self.css_ppi else None
+
+@patch
+def _on_click(self: FeatureSpaceView, event):
+    "A click in the axes (not while the toolbar zooms or pans) inspects the nearest shown point."
+    tb = getattr(self.canvas, "toolbar", None)
+    if event.inaxes is not self.ax or (tb is not None and str(getattr(tb, "mode", ""))): return
+    row = self.nearest_row(event.x, event.y)
+    if row is not None: self.inspect(row)
 
 # %% ../nbs/09_views.ipynb #3ad6efdd
 @patch
@@ -717,7 +771,7 @@ class TrainingDashboard:
     "Live dashboard: a `Trainer` callback that shows losses, mIoU, feature space, confidence stats and prototype drift."
     def __init__(self, trainer=None, class_names=None, num_classes=None, interval: float = 2.0, feature_interval: float = 10.0,
                  threshold: float | None = None, method: str = "pca", sample_size: int = 2000, record_every: int = 1,
-                 save_state: bool = True, max_duty: float = 0.05):
+                 save_state: bool = True, max_duty: float = 0.05, interactive: bool = False):
         self.trainer, self.interval, self.feature_interval, self.save_state = None, interval, feature_interval, save_state
         self.max_duty = max_duty
         cfg = getattr(trainer, "cfg", None)
@@ -727,7 +781,7 @@ class TrainingDashboard:
         self.class_names, self.num_classes = class_names, num_classes
         self.curves = CurvesView(class_names=class_names)
         self.features = FeatureSpaceView(class_names=class_names, num_classes=num_classes, threshold=threshold,
-                                         method=method, sample_size=sample_size)
+                                         method=method, sample_size=sample_size, interactive=interactive)
         self.stats = ConfidenceStatsView(class_names=class_names, num_classes=num_classes, threshold=threshold)
         self.recorder = DriftRecorder(every=record_every)
         self.drift = PrototypeDriftView(self.recorder, class_names=class_names)
@@ -1235,9 +1289,10 @@ def compare(self: TrainingDashboard, run_dir, label: str | None = None):
     self.curves.overlay(run_dir, label); return self
 
 # %% ../nbs/09_views.ipynb #fol00006
-def follow_run(run_dir, class_names=None, method: str = "pca", interval: float = 2.0, follow: bool = True) -> TrainingDashboard:
+def follow_run(run_dir, class_names=None, method: str = "pca", interval: float = 2.0, follow: bool = True,
+               interactive: bool = False) -> TrainingDashboard:
     "A dashboard fed from a run directory's view log and metrics (live with `follow`, else what is there now)."
-    dash = TrainingDashboard(class_names=class_names, method=method, save_state=False)
+    dash = TrainingDashboard(class_names=class_names, method=method, save_state=False, interactive=interactive)
     dash.state = "following"; dash.follower = f = RunFollower(dash, run_dir, interval)
     dash.stop_button.description = "Stop following"; dash.stop_button.disabled = not follow
     f.poll()
@@ -1251,13 +1306,13 @@ def follow_run(run_dir, class_names=None, method: str = "pca", interval: float =
 
 # %% ../nbs/09_views.ipynb #bb3c52ea
 def open_run(run_dir, checkpoint: str = "last.pt", class_names=None, method: str = "pca", features="auto",
-             n_images: int = 4, follow: bool = False, interval: float = 2.0) -> TrainingDashboard:
+             n_images: int = 4, follow: bool = False, interval: float = 2.0, interactive: bool = False) -> TrainingDashboard:
     """Open a run directory: with a view log (every `brpg.trainer.Trainer` run writes one) the dashboard reads it, with
     the run's whole drift history, and `follow=True` keeps it updating while the run goes on (a directory that does not
     exist yet is waited for). Without one: curves, the checkpoint's bank, `views_state.npz` (`from_checkpoint`)."""
     run_dir = Path(run_dir)
     if follow or (run_dir / VIEW_LOG).exists():
-        return follow_run(run_dir, class_names=class_names, method=method, interval=interval, follow=follow)
+        return follow_run(run_dir, class_names=class_names, method=method, interval=interval, follow=follow, interactive=interactive)
     if not run_dir.is_dir(): raise FileNotFoundError(f"run directory {run_dir} does not exist")
     ck = run_dir / checkpoint
     if not ck.exists():

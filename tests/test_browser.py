@@ -100,7 +100,7 @@ def test_views_in_jupyterlab(lab):
             page.goto(f"{url}/lab/tree/views_demo.ipynb?token={token}")
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
             cells = page.locator(".jp-Notebook .jp-Cell.jp-CodeCell")
-            expect(cells).to_have_count(4, timeout=30_000)
+            expect(cells).to_have_count(6, timeout=30_000)
             # run the feature-view cell
             _run_cell(page, cells.nth(0))
             out0 = cells.nth(0).locator(".jp-OutputArea")
@@ -171,6 +171,24 @@ def test_views_in_jupyterlab(lab):
             shown = out3.locator(".widget-image:visible")                 # the curves and the feature view (first tab)
             expect(shown).to_have_count(2, timeout=30_000)
             assert all(w > 0 for w in shown.evaluate_all("els => els.map(e => e.naturalWidth)"))
+            _no_traceback(page)
+            # the interactive (ipympl) feature view: a click on a point reaches the kernel and says what the point is
+            _run_cell(page, cells.nth(4))
+            out4 = cells.nth(4).locator(".jp-OutputArea")
+            canvas = out4.locator(".jupyter-matplotlib-canvas-div canvas").last
+            canvas.wait_for(state="visible", timeout=60_000)
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
+            time.sleep(1.0)
+            _run_cell(page, cells.nth(5))
+            txt = cells.nth(5).locator(".jp-OutputArea-output").first
+            txt.wait_for(state="visible", timeout=30_000)
+            import json as _json
+            where = _json.loads(txt.inner_text().strip().splitlines()[-1])
+            box = canvas.bounding_box()
+            page.mouse.click(box["x"] + where["x"], box["y"] + where["y"])
+            readout = out4.locator(".widget-html-content:has-text('confidence')").first
+            readout.wait_for(state="visible", timeout=30_000)
+            assert f"row {where['row']}" in readout.inner_text(), readout.inner_text()
             _no_traceback(page)
         except Exception:
             try:  # diagnostics for a failing run
