@@ -10,8 +10,8 @@ import torch
 
 # %% auto #0
 __all__ = ['VARIANTS', 'MAIN', 'COMPARISONS', 'LABELS', 'SUMMARY_KEYS', 'StudyError', 'study_config', 'unlabeled_with_truth',
-           'test_split', 'pseudo_label_quality', 'prototype_quality', 'Recorder', 'loss_shares', 'train_one',
-           'summarize', 'paired_delta', 'results_table', 'delta_lines', 'results_markdown', 'plot_curves',
+           'test_split', 'pseudo_label_quality', 'prototype_quality', 'head_vs_prototypes', 'Recorder', 'loss_shares',
+           'train_one', 'summarize', 'paired_delta', 'results_table', 'delta_lines', 'results_markdown', 'plot_curves',
            'test_predictions', 'plot_predictions', 'run_study']
 
 # %% ../nbs/10a_study.ipynb #1eda1cea
@@ -93,25 +93,44 @@ def pseudo_label_quality(model, dataset, cfg, device) -> dict:
 
 # %% ../nbs/10a_study.ipynb #ddd1a395
 @torch.no_grad()
-def prototype_quality(model, bank, dataset, cfg, device) -> dict:
-    "mIoU of the nearest-prototype classifier on `dataset`, and the share of pixels won by low-confidence slots."
+def _stride4_confusions(model, bank, dataset, cfg, device):
+    "Confusion matrices at stride 4 of the classifier head and of the nearest prototype, and pixels won by low slots."
     from brpg.sampling import downsample_labels
     C, ign = cfg.data.num_classes, cfg.data.ignore_index
     was = model.training; model.eval()
-    cm = torch.zeros(C, C, dtype=torch.long, device=device); n = low = 0
-    for i in range(len(dataset)):
-        it = dataset[i]
-        rep = model(it["image"][None].to(device))["rep"].float()
-        y = downsample_labels(it["mask"][None].to(device), rep.shape[-2:]).flatten()
-        sims = bank.similarities(rep.flatten(2)[0].t())                  # [N, C, S]
-        best, slot = sims.max(-1); cls = best.argmax(-1)
-        v = y != ign; y, cls = y[v], cls[v]
-        cm += torch.bincount(y * C + cls, minlength=C * C).view(C, C)
-        won = slot[v].gather(1, cls[:, None])[:, 0]
-        low += int((~bank.is_high[cls, won]).sum()); n += int(v.sum())
-    model.train(was)
+    cm_p = torch.zeros(C, C, dtype=torch.long, device=device); cm_h = torch.zeros_like(cm_p); n = low = 0
+    try:
+        for i in range(len(dataset)):
+            it = dataset[i]
+            out = model(it["image"][None].to(device)); rep = out["rep"].float()
+            y = downsample_labels(it["mask"][None].to(device), rep.shape[-2:]).flatten()
+            sims = bank.similarities(rep.flatten(2)[0].t())                  # [N, C, S]
+            best, slot = sims.max(-1); cls = best.argmax(-1)
+            v = y != ign; yv, cls = y[v], cls[v]
+            cm_p += torch.bincount(yv * C + cls, minlength=C * C).view(C, C)
+            if "pred" in out:
+                head = out["pred"].float().argmax(1).flatten()
+                if head.numel() == y.numel(): cm_h += torch.bincount(yv * C + head[v], minlength=C * C).view(C, C)
+            won = slot[v].gather(1, cls[:, None])[:, 0]
+            low += int((~bank.is_high[cls, won]).sum()); n += int(v.sum())
+    finally: model.train(was)
+    return cm_h, cm_p, low, n
+
+def _ious(cm):
     iou = cm.diag() / (cm.sum(0) + cm.sum(1) - cm.diag()).clamp_min(1)
-    return {"miou": float(iou[cm.sum(1) > 0].mean()), "low_share": low / max(n, 1)}
+    return iou, float(iou[cm.sum(1) > 0].mean())
+
+def prototype_quality(model, bank, dataset, cfg, device) -> dict:
+    "mIoU of the nearest-prototype classifier on `dataset`, and the share of pixels won by low-confidence slots."
+    _, cm, low, n = _stride4_confusions(model, bank, dataset, cfg, device)
+    return {"miou": _ious(cm)[1], "low_share": low / max(n, 1)}
+
+def head_vs_prototypes(model, bank, dataset, cfg, device) -> dict:
+    "Per-class IoU and mIoU of the classifier head's argmax and of the nearest prototype, on the same stride-4 pixels."
+    cm_h, cm_p, _, _ = _stride4_confusions(model, bank, dataset, cfg, device)
+    (ih, mh), (ip, mp) = _ious(cm_h), _ious(cm_p)
+    return {"head": [round(float(x), 4) for x in ih], "head_miou": round(mh, 4),
+            "proto": [round(float(x), 4) for x in ip], "proto_miou": round(mp, 4)}
 
 # %% ../nbs/10a_study.ipynb #b52655f1
 class Recorder:
