@@ -52,4 +52,4 @@ def test_two_process_ddp_identical_state(tmp_path, free_port, method):
     assert a["losses"] != b["losses"]                      # the ranks really saw different batches
     assert a["summary"]["best_miou"] == b["summary"]["best_miou"]    # metrics reduced across ranks
     # only rank 0 writes the run directory
-    assert sorted(os.listdir(out)) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl", "weights.json"]
+    assert sorted(os.listdir(out)) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl", "views.log", "weights.json"]
