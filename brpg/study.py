@@ -108,9 +108,8 @@ def _stride4_confusions(model, bank, dataset, cfg, device):
             best, slot = sims.max(-1); cls = best.argmax(-1)
             v = y != ign; yv, cls = y[v], cls[v]
             cm_p += torch.bincount(yv * C + cls, minlength=C * C).view(C, C)
-            if "pred" in out:
-                head = out["pred"].float().argmax(1).flatten()
-                if head.numel() == y.numel(): cm_h += torch.bincount(yv * C + head[v], minlength=C * C).view(C, C)
+            if "pred" in out:                                                # the head, on the same stride-4 pixels
+                cm_h += torch.bincount(yv * C + out["pred"].argmax(1).flatten()[v], minlength=C * C).view(C, C)
             won = slot[v].gather(1, cls[:, None])[:, 0]
             low += int((~bank.is_high[cls, won]).sum()); n += int(v.sum())
     finally: model.train(was)

@@ -211,8 +211,8 @@ def _write_drift(self: ViewLogWriter, iteration: int):
     h = self.recorder.history(); n = len(h["iterations"])
     if n <= self._rows: return
     s = slice(self._rows, n)
-    self._write("drift", iteration, {"iterations": h["iterations"][s], "from_init": h["from_init"][s], "step": h["step"][s], "usage_sum": h.get("usage_sum"),
-                                     **{k: h.get(k) for k in ("valid", "is_high", "added", "usage")}})
+    self._write("drift", iteration, {"iterations": h["iterations"][s], "from_init": h["from_init"][s], "step": h["step"][s],
+                                     **{k: h.get(k) for k in ("valid", "is_high", "added", "usage", "usage_sum")}})
     self._rows = n
 
 # %% ../nbs/07f_viewlog.ipynb #vl000017

@@ -282,8 +282,7 @@ def refresh(self: FeatureSpaceView):
             if P.shape[1:] != self.feats.shape[1:]:
                 raise ValueError(f"prototype dim {P.shape[1]} != feature dim {self.feats.shape[1]}")
             t0 = time.perf_counter()
-            first_umap = self.method.value == "umap" and not _UMAP_USED[0]
-            if first_umap:    # the first UMAP in a kernel compiles numba code: say so before the kernel is busy
+            if self.method.value == "umap" and not _UMAP_USED[0]:   # the first UMAP compiles numba code: say so first
                 self.status.value = "<small>UMAP: compiling on first use (about 15 s) …</small>"
             emb = project_2d(np.concatenate([self.feats[self._idx], P]), self.method.value, self.normalize, self.seed)
             self.projection_seconds = time.perf_counter() - t0
@@ -611,10 +610,9 @@ class MarginView(_View):
         self.feats = self.bank = None; self.result = None
 
 @patch
-def set_data(self: MarginView, feats, labels, conf, bank, is_labeled=None):
+def set_data(self: MarginView, feats, labels, conf, bank):
     with self._lock:
         self.feats, self.labels, self.conf = _check_sample(feats, labels, conf, "MarginView")
-        self.is_labeled = None if is_labeled is None else to_numpy(is_labeled).astype(bool)
         self.bank = snapshot_bank(bank); self.result = prototype_margins(self.feats, self.labels, self.bank)
     self.redraw()
 
@@ -704,23 +702,21 @@ def redraw(self: CurvesView):
             if k > 1 and len(y) >= k: y = np.convolve(y, np.ones(k) / k, mode="valid"); x = x[k - 1:]
             self.artists["loss"][name], = a1.plot(x, y, lw=1.2 if name == "loss" else 0.9, label=name)
         a1.set_title("training losses", fontsize=9); a1.set_xlabel("iteration", fontsize=8); a1.tick_params(labelsize=7)
-        if losses: a1.legend(fontsize=7)  # (re-done below when overlays add lines)
         for name, (x, y) in val.items():
             self.artists["val"][name], = a2.plot(x, 100 * y, marker="o", ms=3, label=name)
         a2.set_title("validation (%)", fontsize=9); a2.set_xlabel("iteration", fontsize=8); a2.tick_params(labelsize=7)
         for lab, (st_, va_) in self.overlays.items():      # other runs: total loss and val mIoU, dashed
-            if st_:
-                x = np.array([i for i, r in st_ if _scalar(r.get("loss")) is not None]); y = np.array([_scalar(r["loss"]) for i, r in st_ if _scalar(r.get("loss")) is not None])
-                if len(x): self.artists.setdefault("overlay_loss", {})[lab], = a1.plot(x, y, ls="--", lw=0.9, color="0.3", label=f"loss ({lab})")
-            v = [(i, _scalar(r["miou"])) for i, r in va_ if "miou" in r]
-            if v: self.artists.setdefault("overlay_val", {})[lab], = a2.plot(*zip(*[(i, 100 * m) for i, m in v]), ls="--", marker="s", ms=2.5, color="0.3", label=f"miou ({lab})")
-        last = next((m for _, m in reversed(self.vals) if isinstance(m.get("iou"), (list, tuple)) and m["iou"]), None)
+            pts = [(i, x) for i, r in st_ if (x := _scalar(r.get("loss"))) is not None]
+            if pts: self.artists.setdefault("overlay_loss", {})[lab], = a1.plot(*zip(*pts), ls="--", lw=0.9, color="0.3", label=f"loss ({lab})")
+            pts = [(i, 100 * x) for i, r in va_ if (x := _scalar(r.get("miou"))) is not None]
+            if pts: self.artists.setdefault("overlay_val", {})[lab], = a2.plot(*zip(*pts), ls="--", marker="s", ms=2.5, color="0.3", label=f"miou ({lab})")
+        last = next(((i, m) for i, m in reversed(self.vals) if isinstance(m.get("iou"), (list, tuple)) and m["iou"]), None)
         if last is not None:
-            iou = np.array([np.nan if v is None else float(v) for v in last["iou"]])
+            iou = np.array([np.nan if v is None else float(v) for v in last[1]["iou"]])
             names = _class_names(self._names, len(iou))
             self.artists["iou"] = a3.barh(np.arange(len(iou)), 100 * np.nan_to_num(iou), color=class_colors(len(iou), self._names))
             a3.set_yticks(np.arange(len(iou)), names, fontsize=6 if len(iou) <= 30 else 4); a3.invert_yaxis(); a3.set_xlim(0, 100)
-            a3.set_title(f"per-class IoU (%), iteration {next(i for i, m in reversed(self.vals) if m is last)}", fontsize=9)
+            a3.set_title(f"per-class IoU (%), iteration {last[0]}", fontsize=9)
         else: a3.set_axis_off()
         a3.tick_params(axis="x", labelsize=7)
         for name, at in sorted(self.phases.items(), key=lambda kv: kv[1]):
@@ -728,7 +724,7 @@ def redraw(self: CurvesView):
             for ax in (a1, a2):
                 self.artists.setdefault("phases", []).append(ax.axvline(at, color="0.5", ls=":", lw=1))
             a1.text(at, 1.0, f" {name}", transform=a1.get_xaxis_transform(), fontsize=6, color="0.35", va="top")
-        if self.overlays: a1.legend(fontsize=6)
+        if losses or self.overlays: a1.legend(fontsize=7)
         if val or self.overlays:
             a2.legend(fontsize=7)
             best = int(np.argmax(val["miou"][1])) if val and "miou" in val else None
@@ -800,7 +796,6 @@ class TrainingDashboard:
         self.max_iters = None; self._ticks = []; self.follower = None
         self._lock = threading.Lock()
         self._dirty = {"curves": False, "features": False, "stats": False, "drift": False, "margins": False}
-        self._margin_bank = None
         self._sample = None; self._bank = None; self._bank_pending = False
         self._last_feature_draw = -float("inf"); self._iteration = 0; self._epoch = 0
         self._timer = None; self._timer_stop = threading.Event(); self._wake_evt = threading.Event()
@@ -959,7 +954,7 @@ def redraw(self: TrainingDashboard, all_views: bool = False):
         else: self.features.set_bank(snap)
     if do_stats: self.stats.set_data(sample["feats"], sample["labels"], sample["conf"])
     if do_drift: self.drift.redraw()
-    if do_marg: self.margins.set_data(sample["feats"], sample["labels"], sample["conf"], snapshot_bank(mbank), sample.get("is_labeled"))
+    if do_marg: self.margins.set_data(sample["feats"], sample["labels"], sample["conf"], snapshot_bank(mbank))
     drew = do_curves or do_feat or do_stats or do_drift or do_marg
     if drew: self.draws += 1; self.draw_seconds += time.perf_counter() - t0
     self._set_status()

@@ -6,7 +6,7 @@ that its Stop button ends a long run; it checks that the figures are crisp on a 
 started in a subprocess (no trainer in the kernel) until it finishes.
 
 Skipped (with the reason) only when chromium or playwright is missing, and never under CI=true."""
-import os, secrets, shutil, subprocess, sys, tempfile, time, urllib.request
+import io, json, os, secrets, shutil, subprocess, sys, tempfile, time, urllib.request
 from pathlib import Path
 
 import pytest
@@ -35,6 +35,7 @@ if MISSING:
         pytest.fail(f"browser test prerequisites missing under CI: {MISSING}", pytrace=False)
     pytest.skip(f"browser test skipped: {MISSING}", allow_module_level=True)
 
+from PIL import Image as PILImage  # noqa: E402
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
 
@@ -89,6 +90,20 @@ def _run_cell(page, cell, tries=4):
     raise AssertionError(f"the kernel never ran the cell (prompt {prompt.inner_text()!r})")
 
 
+def _run_with_status(page, cell, timeout=60_000):
+    "Run `cell`; its output area and the first HTML widget in it (a dashboard's status line), once visible."
+    _run_cell(page, cell)
+    out = cell.locator(".jp-OutputArea")
+    status = out.locator(".widget-html-content").first
+    status.wait_for(state="visible", timeout=timeout)
+    return out, status
+
+
+def _iteration(status) -> str:
+    "The `N` or `N/M` after 'iteration ' in a status line."
+    return status.inner_text().split("iteration ")[1].split(",")[0]
+
+
 def test_views_in_jupyterlab(lab):
     url, token, root = lab
     with sync_playwright() as p:
@@ -115,9 +130,7 @@ def test_views_in_jupyterlab(lab):
             # crisp on a 2x screen: the PNG has 2 device pixels per CSS pixel, shown at its own CSS size (not stretched)
             nat, css = img.evaluate("el => [el.naturalWidth, el.getBoundingClientRect().width]")
             assert abs(nat - 2 * css) <= 2, (nat, css)
-            from PIL import Image as PILImage
-            import io as _io
-            sw = PILImage.open(_io.BytesIO(shot0)).size[0]
+            sw = PILImage.open(io.BytesIO(shot0)).size[0]
             assert abs(sw - 2 * css) <= 4, f"screenshot is {sw} px wide, not 2 x {css} CSS px"
             # move the threshold slider (the first slider of the view) by keyboard: 0.70 -> 0.80
             handle = out0.locator(".widget-slider [role=slider]").first
@@ -136,10 +149,7 @@ def test_views_in_jupyterlab(lab):
             assert hi1 < hi0, f"raising the threshold should shrink the high-confidence set: {text0!r} -> {status.inner_text()!r}"
             _no_traceback(page)
             # the dashboard: training runs in a kernel thread; the page must update on its own
-            _run_cell(page, cells.nth(1))
-            out1 = cells.nth(1).locator(".jp-OutputArea")
-            dstat = out1.locator(".widget-html-content").first
-            dstat.wait_for(state="visible", timeout=60_000)
+            out1, dstat = _run_with_status(page, cells.nth(1))
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
             page.wait_for_function("el => el.innerText.includes('finished')", arg=dstat.element_handle(), timeout=60_000)
             assert "iteration 150" in dstat.inner_text(), dstat.inner_text()
@@ -147,26 +157,20 @@ def test_views_in_jupyterlab(lab):
             assert curves.evaluate("el => el.naturalWidth") > 0
             _no_traceback(page)
             # the Stop button of a long run: the click reaches the kernel while fit() runs in its thread
-            _run_cell(page, cells.nth(2))
-            out2 = cells.nth(2).locator(".jp-OutputArea")
-            st2 = out2.locator(".widget-html-content").first
-            st2.wait_for(state="visible", timeout=60_000)
+            out2, st2 = _run_with_status(page, cells.nth(2))
             page.wait_for_function("el => /running.*iteration [1-9]/.test(el.innerText)", arg=st2.element_handle(), timeout=30_000)
             out2.locator("button:has-text('Stop')").click()
             page.wait_for_function("el => el.innerText.includes('stopped')", arg=st2.element_handle(), timeout=30_000)
-            it = int(st2.inner_text().split("iteration ")[1].split(",")[0].split("/")[0])
+            it = int(_iteration(st2).split("/")[0])
             assert 0 < it < 100_000
             assert out2.locator("button:has-text('Stop')").is_disabled()
             _no_traceback(page)
             # following `brpg train` started in a subprocess: no trainer in the kernel, the page updates by itself
-            _run_cell(page, cells.nth(3))
-            out3 = cells.nth(3).locator(".jp-OutputArea")
-            st3 = out3.locator(".widget-html-content").first
-            st3.wait_for(state="visible", timeout=60_000)
+            out3, st3 = _run_with_status(page, cells.nth(3))
             page.wait_for_function("el => /following.*iteration [1-9]/.test(el.innerText)", arg=st3.element_handle(), timeout=120_000)
-            seen = {st3.inner_text().split("iteration ")[1].split(",")[0]}
+            seen = {_iteration(st3)}
             page.wait_for_function("el => el.innerText.startsWith('finished')", arg=st3.element_handle(), timeout=240_000)
-            seen.add(st3.inner_text().split("iteration ")[1].split(",")[0])
+            seen.add(_iteration(st3))
             assert "24/24" in seen and len(seen) >= 2, seen              # it moved on its own, to the last iteration
             shown = out3.locator(".widget-image:visible")                 # the curves and the feature view (first tab)
             expect(shown).to_have_count(2, timeout=30_000)
@@ -182,8 +186,7 @@ def test_views_in_jupyterlab(lab):
             _run_cell(page, cells.nth(5))
             txt = cells.nth(5).locator(".jp-OutputArea-output").first
             txt.wait_for(state="visible", timeout=30_000)
-            import json as _json
-            where = _json.loads(txt.inner_text().strip().splitlines()[-1])
+            where = json.loads(txt.inner_text().strip().splitlines()[-1])
             box = canvas.bounding_box()
             page.mouse.click(box["x"] + where["x"], box["y"] + where["y"])
             readout = out4.locator(".widget-html-content:has-text('confidence')").first
