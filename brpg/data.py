@@ -19,14 +19,14 @@ from .config import Config, DataConfig, ConfigError, load_config, method_has
 
 # %% auto #0
 __all__ = ['VOC_CLASSES', 'CITYSCAPES_CLASSES', 'COCO_CLASSES', 'DEMO_CLASSES', 'IMG_EXTS', 'SPLITS', 'voc_palette', 'colorize',
-           'normalize', 'denormalize', 'DatasetError', 'Sample', 'read_split', 'cityscapes_label_path', 'parse_line',
-           'read_samples', 'load_image', 'load_mask', 'check_mask', 'draw_scale', 'pad_crop', 'labeled_transform',
-           'color_jitter', 'gaussian_blur', 'strong_view', 'unlabeled_transform', 'val_transform', 'SegDataset',
-           'LabeledDataset', 'UnlabeledDataset', 'ValDataset', 'default_cache_dir', 'Catalog', 'dataset_root',
-           'resolve_num_classes', 'dataset_catalog', 'validate_dataset', 'format_problems', 'build_datasets',
-           'image_modes', 'data_report', 'mix_seed', 'resample_indices', 'Resampled', 'SeededSampler', 'ShardSampler',
-           'seed_worker', 'pad_collate', 'unwrap_worker_error', 'SegLoader', 'build_loaders', 'loader_pass',
-           'cutmix_masks', 'random_boxes', 'apply_cutmix']
+           'normalize', 'denormalize', 'thumbnails', 'DatasetError', 'Sample', 'read_split', 'cityscapes_label_path',
+           'parse_line', 'read_samples', 'load_image', 'load_mask', 'check_mask', 'draw_scale', 'pad_crop',
+           'labeled_transform', 'color_jitter', 'gaussian_blur', 'strong_view', 'unlabeled_transform', 'val_transform',
+           'SegDataset', 'LabeledDataset', 'UnlabeledDataset', 'ValDataset', 'default_cache_dir', 'Catalog',
+           'dataset_root', 'resolve_num_classes', 'dataset_catalog', 'validate_dataset', 'format_problems',
+           'build_datasets', 'image_modes', 'data_report', 'mix_seed', 'resample_indices', 'Resampled', 'SeededSampler',
+           'ShardSampler', 'seed_worker', 'pad_collate', 'unwrap_worker_error', 'SegLoader', 'build_loaders',
+           'loader_pass', 'cutmix_masks', 'random_boxes', 'apply_cutmix']
 
 # %% ../nbs/01_data.ipynb #4556928b
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -85,6 +85,14 @@ def denormalize(img: torch.Tensor, mean=(123.675, 116.28, 103.53), std=(58.395, 
     mean = torch.as_tensor(mean, dtype=img.dtype, device=img.device).view(3, 1, 1)
     std = torch.as_tensor(std, dtype=img.dtype, device=img.device).view(3, 1, 1)
     return (img * std + mean).div(255.0).clamp(0, 1)
+
+# %% ../nbs/01_data.ipynb #thb00002
+@torch.no_grad()
+def thumbnails(img: torch.Tensor, size, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375)) -> torch.Tensor:
+    "Normalised images `[B,3,H,W]` -> `uint8` `[B,h,w,3]` at `size = (h, w)` (area-averaged), on the same device."
+    if img.ndim != 4 or img.shape[1] != 3: raise ValueError(f"thumbnails: images must be [B,3,H,W], got {tuple(img.shape)}")
+    x = F.interpolate(denormalize(img.float(), mean, std), size=tuple(size), mode="area")
+    return x.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 # %% ../nbs/01_data.ipynb #b8611270
 class DatasetError(ValueError):

@@ -153,8 +153,10 @@ def _joint_proto_terms(bank: PrototypeBank, feats: torch.Tensor, labels: torch.T
     with torch.autocast(feats.device.type, enabled=False):
         f = F.normalize(feats.float(), dim=1, eps=1e-8)
         p = F.normalize(bank.protos.float(), dim=-1, eps=1e-8).reshape(C * S, D)
-        sims = (f @ p.t()).view(-1, C, S)
-        sims.masked_fill_(~bank.valid, float("-inf"))       # once, in place (mm does not need its output)
+        # -inf on empty slots as an added bias: the same values as a masked fill, and a backward that passes the
+        # gradient through (an in-place fill of the matmul's view would copy the [N,C,S] gradient three times)
+        bias = torch.zeros(C, S, device=f.device).masked_fill_(~bank.valid, float("-inf"))
+        sims = (f @ p.t()).view(-1, C, S) + bias
     logits = (sims.max(dim=-1).values / temperature).float()
     logp = F.log_softmax(logits, dim=1)
     nll = -logp.gather(1, safe[:, None]).squeeze(1)

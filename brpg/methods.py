@@ -93,7 +93,7 @@ def supervised_terms(self: Method, batch: dict, it: int) -> dict:
     loss_sup = blosses.supervised_loss(_up(out["pred"].float(), y_l.shape[-2:]), y_l, m, ign)
     loss = loss_sup + 0.0 * out["rep"].float().sum()
     self.after_labeled_forward(x_l)
-    self.observe(out["pred"], out["rep"], y_l, None, it)
+    self.observe(out["pred"], out["rep"], y_l, None, it, images=(x_l,))
     return {"loss": loss, "loss_sup": loss_sup}
 
 @patch
@@ -115,32 +115,53 @@ def step(self: Method, batch: dict, it: int) -> dict:
 # %% ../nbs/07a_methods.ipynb #97368992
 @patch
 @torch.no_grad()
-def observe(self: Method, pred, rep, y_l, unl_c, it: int):
-    "Candidates of this step to the queues (`sampling_on`) and to the views (`wants_view`)."
+def observe(self: Method, pred, rep, y_l, unl_c, it: int, images=None):
+    "Candidates of this step to the queues (`sampling_on`) and to the views (`wants_view`, with `images` for patches)."
     m, ign = self.m, self.cfg.data.ignore_index
     sampling, view = self.sampling_on(it // self.ipe), self.wants_view(it)
     if not (sampling or view): return
     lab_c = bsampling.labeled_candidates(pred.detach(), rep.detach(), y_l, m.high_threshold, m.low_threshold, ign)
     if sampling: self.push(lab_c, unl_c, y_l.shape[0])
     if view:
-        with self.tr.untimed(): self.emit_sample(lab_c, unl_c, it)
+        with self.tr.untimed(): self.emit_sample(lab_c, unl_c, it, images)
 
 # %% ../nbs/07a_methods.ipynb #c2567168
+def _label_bytes(y: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    "A label map as uint8 (int16 past 254 classes) on the CPU, the ignore label as 255 (-1)."
+    dt = torch.uint8 if num_classes < 255 else torch.int16
+    return torch.where(y == ignore_index, torch.full_like(y, 255 if dt == torch.uint8 else -1), y).to(dt).cpu()
+
 @patch
 @torch.no_grad()
-def emit_sample(self: Method, lab_c, unl_c, it: int):
-    "Send `on_features_sampled` with ≤ VIEW_SAMPLE_SIZE candidate features and their flags (CPU tensors)."
+def view_patches(self: Method, images, lab_c, unl_c) -> dict:
+    "Thumbnails of `images` (labeled, then unlabeled weak) at the feature grid, their predictions and the labeled truth."
+    dc = self.cfg.data; B, h, w = lab_c.grid
+    ims, preds = [bdata.thumbnails(images[0], (h, w), dc.mean, dc.std)], [lab_c.pred_map]
+    if unl_c is not None and len(images) > 1:
+        ims.append(bdata.thumbnails(images[1], (h, w), dc.mean, dc.std)); preds.append(unl_c.pred_map)
+    lb = lambda y: _label_bytes(y, dc.num_classes, dc.ignore_index)
+    return {"images": torch.cat(ims).cpu(), "pred": torch.cat([lb(p) for p in preds]), "truth": lb(lab_c.truth_map)}
+
+@patch
+@torch.no_grad()
+def emit_sample(self: Method, lab_c, unl_c, it: int, images=None):
+    "Send `on_features_sampled` with ≤ VIEW_SAMPLE_SIZE candidate features, their flags and, with `images`, their patches."
     hf, hl, lf, ll = lab_c
-    parts = [(hf, hl, lab_c.hi_conf, True, True), (lf, ll, lab_c.lo_conf, False, True)]
-    if unl_c is not None: parts.append((unl_c[0], unl_c[1], unl_c.conf, True, False))
+    B_l = lab_c.grid[0]
+    pos = lambda mask, grid, first=0: bsampling.pixel_positions(mask, grid, first).to(torch.int32)
+    parts = [(hf, hl, lab_c.hi_conf, True, True, lambda: pos(lab_c.hi_mask, lab_c.grid)),
+             (lf, ll, lab_c.lo_conf, False, True, lambda: pos(lab_c.lo_mask, lab_c.grid))]
+    if unl_c is not None: parts.append((unl_c[0], unl_c[1], unl_c.conf, True, False, lambda: pos(unl_c.mask, unl_c.grid, B_l)))
     f = torch.cat([p[0].float() for p in parts]); l = torch.cat([p[1] for p in parts])
     c = torch.cat([p[2].float() for p in parts])
     flag = lambda j: torch.cat([torch.full((len(p[1]),), p[j], dtype=torch.bool, device=f.device) for p in parts])
     hi, lb = flag(3), flag(4)
+    cols = [f, l, c, hi, lb] + ([torch.cat([p[5]() for p in parts])] if images is not None else [])
     g = torch.Generator().manual_seed(seed_for(self.cfg.trainer.seed, self.tr.rank, it, 7))
-    f, l, c, hi, lb = (t.cpu() for t in bsampling.random_subset(VIEW_SAMPLE_SIZE, f, l, c, hi, lb, generator=g, keep_order=True))
-    self.tr.emit("on_features_sampled", {"feats": f, "labels": l, "conf": c, "is_high": hi, "is_labeled": lb,
-                                         "iteration": it + 1, "epoch": self.tr.epoch, "phase": self.phase(it)})
+    cols = [t.cpu() for t in bsampling.random_subset(VIEW_SAMPLE_SIZE, *cols, generator=g, keep_order=True)]
+    s = dict(zip(("feats", "labels", "conf", "is_high", "is_labeled", "where"), cols))
+    if images is not None: s.update(self.view_patches(images, lab_c, unl_c))
+    self.tr.emit("on_features_sampled", {**s, "iteration": it + 1, "epoch": self.tr.epoch, "phase": self.phase(it)})
 
 # %% ../nbs/07a_methods.ipynb #f1a373a5
 @register_method
@@ -258,7 +279,7 @@ def semi_forward(self: MeanTeacher, batch: dict, it: int) -> SimpleNamespace:
     pct = blosses.drop_percent_at(it // self.ipe, self.cfg.trainer.epochs, m.drop_percent)
     loss_unsup = blosses.u2pl_unsup_loss(pred_up[B_l:], yhat_u, ent, pct, ign)
     loss = loss_sup + m.unsup_weight * loss_unsup
-    self.observe(pred[:B_l], rep[:B_l], y_l, unl_c, it)
+    self.observe(pred[:B_l], rep[:B_l], y_l, unl_c, it, images=(x_l, x_w))
     return SimpleNamespace(loss=loss, loss_sup=loss_sup, loss_unsup=loss_unsup, rep=rep, y_l=y_l,
                            conf_u=conf_u, yhat_u=yhat_u, B_l=B_l, B_u=B_u)
 
@@ -347,9 +368,9 @@ def push(self: Prototypes, lab_c, unl_c, batch_size: int):
 # %% ../nbs/07a_methods.ipynb #5a6b7c8d
 @patch
 @torch.no_grad()
-def observe(self: Prototypes, pred, rep, y_l, unl_c, it: int):
+def observe(self: Prototypes, pred, rep, y_l, unl_c, it: int, images=None):
     "The base's candidates to the queues and views; with `method.back_queue`, every labeled pixel to the back queue too."
-    super(Prototypes, self).observe(pred, rep, y_l, unl_c, it)
+    super(Prototypes, self).observe(pred, rep, y_l, unl_c, it, images)
     if self.m.back_queue and self.sampling_on(it // self.ipe): self.push_back(pred, rep, y_l)
 
 @patch
@@ -507,7 +528,7 @@ def semi_forward(self: UniMatch, batch: dict, it: int) -> SimpleNamespace:
     unl_c = None
     if self.sampling_on(it // self.ipe) or self.wants_view(it):   # CPG candidates from the network's own weak view
         unl_c = bsampling.unlabeled_candidates(torch.softmax(pred[B_l:].detach().float(), 1), rep[B_l:].detach(), m.pseudo_threshold)
-    self.observe(pred[:B_l], rep[:B_l], y_l, unl_c, it)
+    self.observe(pred[:B_l], rep[:B_l], y_l, unl_c, it, images=(x_l, x_w))
     return SimpleNamespace(loss=loss, loss_sup=loss_sup, loss_unsup=(loss_s1 + loss_s2) / 2, loss_fp=loss_fp,
                            rep_l=rep[:B_l], rep_s1=out_s["rep"][:B_u], y_l=y_l, conf_u=c1, yhat_u=y1, B_l=B_l, B_u=B_u)
 

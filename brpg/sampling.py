@@ -11,9 +11,9 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['ClassQueues', 'ConfidenceQueues', 'top_per_class', 'downsample_labels', 'labeled_candidates', 'unlabeled_candidates',
-           'random_subset', 'queue_candidates', 'all_gather_rows', 'grid_positions', 'labeled_grid', 'sample_distinct',
-           'pick_confident', 'unlabeled_pick', 'PointGroup', 'grid_points', 'pixel_points', 'gather_points',
-           'loss_threshold']
+           'pixel_positions', 'random_subset', 'queue_candidates', 'all_gather_rows', 'grid_positions', 'labeled_grid',
+           'sample_distinct', 'pick_confident', 'unlabeled_pick', 'PointGroup', 'grid_points', 'pixel_points',
+           'zeroed_buffer', 'gather_points', 'loss_threshold']
 
 # %% ../nbs/04_sampling.ipynb #ada3e049
 class ClassQueues:
@@ -226,7 +226,8 @@ def labeled_candidates(pred: torch.Tensor, rep: torch.Tensor, gt: torch.Tensor, 
                        low_thr: float = 0.0, ignore_index: int = 255):
     """Correct labeled pixels at stride 4: `(hi_feats, hi_labels, lo_feats, lo_labels)` with `.hi_conf`/`.lo_conf`.
     `pred` are logits `[B,C,h,w]`, `rep` `[B,D,h,w]`, `gt` `[B,H,W]` (nearest-downsampled to `h,w`).
-    High: conf >= `high_thr`; low: `low_thr` < conf < `high_thr`."""
+    High: conf >= `high_thr`; low: `low_thr` < conf < `high_thr`. For the views the result also carries, uncopied, the
+    flat masks `.hi_mask`/`.lo_mask` over the grid `.grid = (B,h,w)`, the prediction `.pred_map` and the labels `.truth_map`."""
     _check_maps("labeled_candidates", ("pred", pred), ("rep", rep))
     if gt.ndim != 3 or gt.shape[0] != pred.shape[0]:
         raise ValueError(f"labeled_candidates: gt must be [B,H,W] with B={pred.shape[0]}, got {tuple(gt.shape)}")
@@ -236,18 +237,27 @@ def labeled_candidates(pred: torch.Tensor, rep: torch.Tensor, gt: torch.Tensor, 
     hi = (correct & (conf >= high_thr)).flatten()
     lo = (correct & (conf > low_thr) & (conf < high_thr)).flatten()
     f, l, c = _rows(rep.detach()), g.flatten(), conf.flatten()
-    return _Cands((f[hi], l[hi], f[lo], l[lo]), hi_conf=c[hi], lo_conf=c[lo])
+    return _Cands((f[hi], l[hi], f[lo], l[lo]), hi_conf=c[hi], lo_conf=c[lo], hi_mask=hi, lo_mask=lo,
+                  grid=tuple(g.shape), pred_map=yhat, truth_map=g)
 
 # %% ../nbs/04_sampling.ipynb #a5d2c7c0
 @torch.no_grad()
 def unlabeled_candidates(prob_small: torch.Tensor, rep: torch.Tensor, thr: float = 0.8):
     """Confident unlabeled pixels at stride 4 (teacher softmax `[B,C,h,w]`): `(feats, labels)` with `.conf`.
-    Only the high queue receives unlabeled pixels (docs/method.md §4.2)."""
+    Only the high queue receives unlabeled pixels (docs/method.md §4.2). Also carries `.mask`, `.grid`, `.pred_map`."""
     _check_maps("unlabeled_candidates", ("prob_small", prob_small), ("rep", rep))
     conf, yhat = prob_small.max(1)
     m = (conf >= thr).flatten()
     f, c = _rows(rep.detach()), conf.flatten().float()
-    return _Cands((f[m], yhat.flatten()[m]), conf=c[m])
+    return _Cands((f[m], yhat.flatten()[m]), conf=c[m], mask=m, grid=tuple(conf.shape), pred_map=yhat)
+
+# %% ../nbs/04_sampling.ipynb #pos00002
+def pixel_positions(mask: torch.Tensor, grid, first_image: int = 0) -> torch.Tensor:
+    "`[n,3]` int64 `(image, row, column)` of the True entries of the flat `mask` over `grid = (B,h,w)`, in mask order."
+    B, h, w = grid
+    if mask.numel() != B * h * w: raise ValueError(f"pixel_positions: mask has {mask.numel()} entries, grid {tuple(grid)} has {B * h * w}")
+    i = mask.flatten().nonzero()[:, 0]
+    return torch.stack([i // (h * w) + first_image, (i // w) % h, i % w], 1)
 
 # %% ../nbs/04_sampling.ipynb #65186ec0
 def random_subset(n_max: int, *tensors, generator: torch.Generator | None = None, keep_order: bool = False):
@@ -464,6 +474,26 @@ def pixel_points(sel: torch.Tensor, H: int, W: int, h: int, w: int, b0: int = 0,
     ys, xs = _src_coord(y, H, h).to(dev), _src_coord(x, W, w).to(dev)
     return _corner_points(b.to(dev) + b0, ys, xs, h, w)
 
+# %% ../nbs/04_sampling.ipynb #zbuf0002
+import threading
+_ZBUF, _ZBUF_LOCK = {}, threading.Lock()
+
+def _storage_holders(t: torch.Tensor) -> int:
+    "Holders of `t`'s storage, besides the handle this check makes."
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 1
+
+def zeroed_buffer(shape, dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
+    "A zero tensor: on the CPU the kept buffer of this shape re-zeroed when no one else holds it, else a new one."
+    device = torch.device(device)
+    if device.type != "cpu": return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format).zero_()
+    key = (tuple(shape), dtype, memory_format)
+    with _ZBUF_LOCK:
+        base = _ZBUF.get(key)
+        if base is None or _storage_holders(base) > 1:
+            base = torch.empty(shape, dtype=dtype, memory_format=memory_format)
+            _ZBUF.clear(); _ZBUF[key] = base                  # only the newest is kept
+        return base.zero_().detach()                          # a new tensor on the kept storage
+
 # %% ../nbs/04_sampling.ipynb #275bffad
 def _image_runs(b: torch.Tensor):
     "`(image, start, stop)` of the runs of equal values of `b` (host read)."
@@ -523,7 +553,7 @@ class _PointGather(torch.autograd.Function):
         (B, D, h, w), dtype, dev = ctx.meta
         hw = h * w
         mf = torch.channels_last if ctx.rows else torch.contiguous_format
-        out = torch.empty(B, D, h, w, dtype=dtype, device=dev, memory_format=mf).zero_()   # the one dense buffer
+        out = zeroed_buffer((B, D, h, w), dtype, dev, mf)        # the one dense buffer
         dst = out.permute(0, 2, 3, 1).reshape(B * hw, D) if ctx.rows else out.view(B, D, hw)
         gT = grad.to(dtype).float().t().contiguous()          # [D, N]; through rep.dtype as the chain rounds
         s = 0

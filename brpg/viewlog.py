@@ -121,11 +121,13 @@ def _raw(v):
         return (v.float() if v.dtype == torch.bfloat16 else v).cpu().numpy()
     return np.asarray(v)
 
-def encode_record(kind: str, iteration: int, arrays: dict | None = None, meta: dict | None = None) -> bytes:
-    "One frame: magic, payload length, CRC-32, then an `.npz` of `arrays` with the record's `kind`, `iteration`, `meta` (JSON)."
+def encode_record(kind: str, iteration: int, arrays: dict | None = None, meta: dict | None = None,
+                  compress: bool = False) -> bytes:
+    """One frame: magic, payload length, CRC-32, then an `.npz` (deflated if `compress`) of `arrays` with the record's
+    `kind`, `iteration`, `meta` (JSON)."""
     buf = io.BytesIO()
     arrs = {k: _raw(v) for k, v in (arrays or {}).items() if v is not None}
-    np.savez(buf, _kind=np.asarray(kind), _iteration=np.asarray(int(iteration)), _meta=np.asarray(json.dumps(meta or {})), **arrs)
+    (np.savez_compressed if compress else np.savez)(buf, _kind=np.asarray(kind), _iteration=np.asarray(int(iteration)), _meta=np.asarray(json.dumps(meta or {})), **arrs)
     p = buf.getvalue()
     return _HEAD.pack(_MAGIC, len(p), zlib.crc32(p)) + p
 
@@ -178,10 +180,10 @@ class ViewLogWriter:
 
 # %% ../nbs/07f_viewlog.ipynb #vl000015
 @patch
-def _write(self: ViewLogWriter, kind: str, iteration: int, arrays=None, meta=None) -> int:
+def _write(self: ViewLogWriter, kind: str, iteration: int, arrays=None, meta=None, compress: bool = False) -> int:
     "Append one frame in one write; returns its size."
     if self._fd is None: return 0
-    fr = encode_record(kind, iteration, arrays, meta)
+    fr = encode_record(kind, iteration, arrays, meta, compress)
     os.write(self._fd, fr)
     return len(fr)
 
@@ -236,8 +238,9 @@ def on_features_sampled(self: ViewLogWriter, trainer, sample: dict):
     if self._room(it):
         arrs = {"feats": torch.as_tensor(sample["feats"]).to(torch.float16), "labels": sample["labels"],
                 "conf": torch.as_tensor(sample["conf"]).to(torch.float16),
-                **{k: sample[k] for k in ("is_high", "is_labeled") if k in sample}}
-        self._frame_bytes["sample"] = self._write("sample", it, arrs, {k: sample[k] for k in ("epoch", "phase") if k in sample})
+                **{k: sample[k] for k in ("is_high", "is_labeled", "where", "images", "pred", "truth") if k in sample}}
+        self._frame_bytes["sample"] = self._write("sample", it, arrs, {k: sample[k] for k in ("epoch", "phase") if k in sample},
+                                                  compress=True)
         if self._bank is not None and self._bank_dirty: self._write_bank(it)
         self._write_drift(it)
     else:

@@ -20,9 +20,9 @@ from .viewlog import to_numpy, DriftRecorder, VIEW_LOG, read_view_log, ViewLogSt
 
 # %% auto #0
 __all__ = ['PROJECTIONS', 'MAX_ROWS', 'class_colors', 'BankSnapshot', 'snapshot_bank', 'project_2d', 'balanced_subset',
-           'FeatureSpaceView', 'confidence_stats', 'ConfidenceStatsView', 'PrototypeDriftView', 'prototype_margins',
-           'MarginView', 'CurvesView', 'TrainingDashboard', 'read_metrics', 'features_from_checkpoint',
-           'from_checkpoint', 'RunFollower', 'follow_run', 'open_run']
+           'PatchView', 'FeatureSpaceView', 'confidence_stats', 'ConfidenceStatsView', 'PrototypeDriftView',
+           'prototype_margins', 'MarginView', 'CurvesView', 'TrainingDashboard', 'read_metrics',
+           'features_from_checkpoint', 'from_checkpoint', 'RunFollower', 'follow_run', 'open_run']
 
 # %% ../nbs/09_views.ipynb #7370efa8
 _GREY = np.array([0.62, 0.62, 0.62, 1.0])
@@ -216,6 +216,66 @@ def balanced_subset(labels, k: int, seed: int = 0) -> np.ndarray:
             for rows in (np.nonzero(y == c)[0] for c in cls)]
     return np.sort(np.concatenate(take))
 
+# %% ../nbs/09_views.ipynb #pat00002
+_PATCH_KEYS = ("where", "images", "pred", "truth")
+
+def _check_patches(patches, n: int, where: str = "features") -> dict | None:
+    "Validate a sample's patch arrays against its `n` rows; CPU numpy copies (None if absent)."
+    if not patches: return None
+    miss = [k for k in _PATCH_KEYS if k not in patches]
+    if miss: raise KeyError(f"{where}: patches lack {miss}")
+    p = {k: to_numpy(patches[k]) for k in _PATCH_KEYS}
+    wh, im, pr, tr = p["where"].astype(np.int64), p["images"], p["pred"], p["truth"]
+    if wh.shape != (n, 3): raise ValueError(f"{where}: where must be [{n},3] like the features, got {wh.shape}")
+    if im.ndim != 4 or im.shape[-1] != 3 or pr.shape != im.shape[:3] or tr.ndim != 3 or tr.shape[1:] != im.shape[1:3] or len(tr) > len(im):
+        raise ValueError(f"{where}: images {im.shape}, pred {pr.shape}, truth {tr.shape} must be [M,h,w,3], [M,h,w], [B_l<=M,h,w]")
+    if n and ((wh < 0).any() or (wh.max(0) >= np.array(im.shape[:3])).any()):
+        raise ValueError(f"{where}: where points outside the {im.shape[0]} images of {im.shape[1]}x{im.shape[2]}")
+    return {"where": wh, "images": im.astype(np.uint8), "pred": pr.astype(np.int64), "truth": tr.astype(np.int64)}
+
+class PatchView(_View):
+    "One sampled feature's image patch: the image around its pixel, the prediction there and the ground truth."
+    half = 16                                   # grid cells each side of the pixel (at stride 4: 132 input pixels across)
+    NOTE = "Click a point (interactive=True) or call inspect(row): its image patch shows here."
+    def __init__(self, figsize=(7, 2.6)):
+        super().__init__(figsize, self.NOTE)
+        self.axes = self.fig.subplots(1, 3)
+        self.fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.8, wspace=0.06)
+        self.widget = self.frame; self.shown = None
+
+# %% ../nbs/09_views.ipynb #pat00003
+def _paint(lbl: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    "RGB of a label map (ignored / out-of-range labels white)."
+    ok = (lbl >= 0) & (lbl < len(cols))
+    rgb = np.ones((*lbl.shape, 3)); rgb[ok] = cols[lbl[ok], :3]
+    return rgb
+
+@patch
+def show(self: PatchView, patches: dict, row: int, names, num_classes: int, conf: float | None = None):
+    "Draw the patch of sample row `row` (`patches` as `_check_patches` returns it)."
+    with self._lock:
+        b, r, c = (int(v) for v in patches["where"][row])
+        im, pr, tr = patches["images"][b], patches["pred"][b], patches["truth"]
+        labeled = b < len(tr)
+        h, w = im.shape[:2]; k = self.half
+        r0, r1, c0, c1 = max(0, r - k), min(h, r + k + 1), max(0, c - k), min(w, c + k + 1)
+        cols, crop = class_colors(num_classes, names), (slice(r0, r1), slice(c0, c1))
+        ext = (c0 - 0.5, c1 - 0.5, r1 - 0.5, r0 - 0.5)
+        panels = [(im[crop] / 255.0, f"{'labeled' if labeled else 'unlabeled'} image {b if labeled else b - len(tr)}"),
+                  (0.4 * im[crop] / 255.0 + 0.6 * _paint(pr[crop], cols), "prediction" if labeled else "pseudo-label"),
+                  (_paint(tr[b][crop], cols) if labeled else None, "ground truth (white: ignored)")]
+        for ax, (img, title) in zip(self.axes, panels):
+            ax.clear(); ax.set_xticks([]); ax.set_yticks([])
+            ax.set_title(title, fontsize=8)
+            if img is None: ax.text(0.5, 0.5, "none: an unlabeled image", ha="center", va="center", fontsize=8, transform=ax.transAxes); continue
+            ax.imshow(img, interpolation="nearest", extent=ext)
+            ax.plot([c], [r], marker="o", ms=11, mfc="none", mec="w", mew=2.2); ax.plot([c], [r], marker="+", ms=9, color="k", mew=1.5)
+        y = int(pr[r, c]); nm = _class_names(names, num_classes)
+        said = f"{nm[y]}" if 0 <= y < num_classes else "ignored"
+        self.fig.suptitle(f"pixel ({r}, {c}) of the {h}x{w} feature grid (stride 4); {'predicted' if labeled else 'pseudo-label'} "
+                          f"{said}" + (f", confidence {conf:.3f}" if conf is not None else ""), fontsize=8)
+        self.shown = (b, r, c); self._show()
+
 # %% ../nbs/09_views.ipynb #925f822a
 class FeatureSpaceView(_View):
     "2-D projection of pixel features (coloured by class, high/low confidence markers) with the prototypes overlaid."
@@ -240,8 +300,10 @@ class FeatureSpaceView(_View):
                                       style={"button_width": "60px"})
         self.status = W.HTML()
         self.readout = W.HTML(layout=W.Layout(width="230px"))      # what a clicked point is (interactive)
-        self._rows, self.picked = {}, None
-        self.widget = W.HBox([W.VBox([self.classes, self.threshold, self.sample_size, self.method, self.status, self.readout]), self.frame])
+        self._rows, self.picked, self.patches = {}, None, None
+        self.patch = PatchView(figsize=(figsize[0], 2.6))                # the clicked point's image patch
+        self.widget = W.HBox([W.VBox([self.classes, self.threshold, self.sample_size, self.method, self.status, self.readout]),
+                              W.VBox([self.frame, self.patch.frame])])
         if self.canvas is not None: self.canvas.mpl_connect("button_press_event", self._on_click)
         self._observe(self.threshold, self.redraw); self._observe(self.classes, self.redraw)
         self._observe(self.sample_size, self._size_changed); self._observe(self.method, self.refresh)
@@ -361,18 +423,30 @@ def _sync_controls(self: FeatureSpaceView):
 
 # %% ../nbs/09_views.ipynb #c4430ae6
 @patch
-def set_data(self: FeatureSpaceView, feats, labels, conf, bank=None, is_labeled=None, iteration=None, phase=None):
-    "New feature sample (optionally its labeled/pseudo flags, iteration and phase, and a bank); re-projects and redraws."
+def set_data(self: FeatureSpaceView, feats, labels, conf, bank=None, is_labeled=None, iteration=None, phase=None, patches=None):
+    """New feature sample (optionally its labeled/pseudo flags, iteration and phase, its image patches (`where`, `images`,
+    `pred`, `truth`) and a bank); re-projects and redraws."""
     with self._lock:
         self.feats, self.labels, self.conf = _check_sample(feats, labels, conf)
         lab = None if is_labeled is None else to_numpy(is_labeled).astype(bool)
         if lab is not None and lab.shape != (len(feats),):
             raise ValueError(f"features: is_labeled {lab.shape} must be [{len(feats)}] like feats")
-        self.is_labeled = lab if lab is not None and len(lab) == len(self.labels) else None   # None: cut to MAX_ROWS
-        self.sample_meta = {"iteration": None if iteration is None else int(iteration), "phase": phase}
+        cut = len(self.labels) != len(feats)                    # cut to MAX_ROWS: per-row extras no longer line up
+        self.is_labeled = None if lab is None or cut else lab
+        self.patches = None if cut else _check_patches(patches, len(self.labels))
+        self.patch.set_note(PatchView.NOTE if self.patches else "This sample carries no image patches (only the trainer's do).")
+        self.picked = None; self.readout.value = ""
+        self.sample_meta = {"iteration": None if iteration is None else int(iteration), "phase": None if phase is None else str(phase)}
         if bank is not None: self.bank = snapshot_bank(bank)
         self._sync_controls(); self._proj_key = None
     self.refresh()
+
+@patch
+def set_sample(self: FeatureSpaceView, sample: Mapping, bank=None):
+    "`set_data` from a sample dict: the trainer's `on_features_sampled` payload, a view log's or a saved one."
+    p = {k: sample[k] for k in _PATCH_KEYS if k in sample}
+    return self.set_data(sample["feats"], sample["labels"], sample["conf"], bank, sample.get("is_labeled"),
+                         sample.get("iteration"), sample.get("phase"), p or None)
 
 # %% ../nbs/09_views.ipynb #int00002
 @patch
@@ -388,6 +462,7 @@ def inspect(self: FeatureSpaceView, row: int) -> str:
         text = (f"<b>{names[y]}</b> (class {y})<br>confidence {cf:.3f} ({side})<br>{kind}"
                 + (f"<br>sample of iteration {it}" if it is not None else "") + f"<br><small>row {row}</small>")
         self.readout.value = text; self.picked = row
+        if self.patches is not None: self.patch.show(self.patches, row, self._names, self.num_classes, cf)
         j = np.searchsorted(self._idx, row)
         if j < len(self._idx) and self._idx[j] == row:
             if "picked" in self.artists: self.artists["picked"].remove()
@@ -860,11 +935,13 @@ def on_validation_end(self, trainer, metrics: dict):
         self.curves.vals.append((getattr(trainer, "iteration", self._iteration), dict(metrics))); self._dirty["curves"] = True
 
 # %% ../nbs/09_views.ipynb #e877d429
+_SAMPLE_KEYS = ("feats", "labels", "conf", "is_labeled", "iteration", "phase", *_PATCH_KEYS)   # what the views use of a sample
+
 @patch_to(TrainingDashboard)
 @_timed
 def on_features_sampled(self, trainer, sample: dict):
     with self._lock:
-        self._sample = {k: sample[k] for k in ("feats", "labels", "conf", "is_labeled", "iteration", "phase") if k in sample}
+        self._sample = {k: sample[k] for k in _SAMPLE_KEYS if k in sample}
         self._dirty["features"] = self._dirty["stats"] = self._dirty["margins"] = True
 
 @patch_to(TrainingDashboard)
@@ -949,8 +1026,7 @@ def redraw(self: TrainingDashboard, all_views: bool = False):
     if do_curves: self.curves.redraw()
     if do_feat:
         snap = snapshot_bank(bank) if bank is not None else None
-        if sample is not None: self.features.set_data(sample["feats"], sample["labels"], sample["conf"], snap,
-                                                      sample.get("is_labeled"), sample.get("iteration"), sample.get("phase"))
+        if sample is not None: self.features.set_sample(sample, snap)
         else: self.features.set_bank(snap)
     if do_stats: self.stats.set_data(sample["feats"], sample["labels"], sample["conf"])
     if do_drift: self.drift.redraw()
@@ -1090,10 +1166,11 @@ def features_from_checkpoint(path_or_ckpt, n_images: int = 4, max_points: int = 
                              device="cpu", seed: int = 0) -> dict:
     """A feature sample for the views from a `Trainer` checkpoint: its inference network (`which="auto"`: the one
     validation used, by `brpg.checkpoint`'s rule) runs over the first `n_images` validation images; every non-ignored stride-4 pixel gives `feats` (rep), `labels`
-    (ground truth, nearest-downsampled) and `conf` (max softmax), randomly cut to `max_points`."""
+    (ground truth, nearest-downsampled) and `conf` (max softmax), randomly cut to `max_points`, with their image patches
+    (`where`, `images`, `pred`, `truth`; images of different sizes are padded to the largest, ignored labels)."""
     from brpg.config import config_from_dict
     from brpg.checkpoint import model_from_checkpoint
-    from brpg.data import build_datasets
+    from brpg.data import build_datasets, thumbnails
     ck = path_or_ckpt if isinstance(path_or_ckpt, Mapping) else _load_ckpt(path_or_ckpt)
     where = "checkpoint" if isinstance(path_or_ckpt, Mapping) else str(path_or_ckpt)
     miss = [k for k in ("config", "student") if not isinstance(ck, Mapping) or k not in ck]
@@ -1103,21 +1180,29 @@ def features_from_checkpoint(path_or_ckpt, n_images: int = 4, max_points: int = 
     if which == "teacher" and ck.get("teacher") is None: raise KeyError(f"{where}: has no teacher weights")
     model = model_from_checkpoint({"_path": where, **ck}, cfg, device, which)
     ds = build_datasets(cfg, splits=("val",)); val = ds["val"]
-    f, y, c = [], [], []
+    f, y, c, pos, ims, prs, gts = [], [], [], [], [], [], []
+    ign, dc = cfg.data.ignore_index, cfg.data
     with torch.no_grad():
         for i in range(min(n_images, len(val))):
             item = val[i]
             out = model(item["image"][None].to(device))
             prob, rep = out["pred"].float().softmax(1), out["rep"].float()
             gt = F.interpolate(item["mask"][None, None].float().to(device), size=prob.shape[-2:], mode="nearest")[:, 0].long()
-            keep = gt != cfg.data.ignore_index
+            keep = gt != ign
             f.append(rep.permute(0, 2, 3, 1)[keep]); y.append(gt[keep]); c.append(prob.amax(1)[keep])
+            pos.append(torch.cat([torch.full_like(keep.nonzero()[:, :1], i), keep.nonzero()[:, 1:]], 1))
+            ims.append(thumbnails(item["image"][None].to(device), prob.shape[-2:], dc.mean, dc.std)[0].cpu())
+            prs.append(prob.argmax(1)[0].cpu()); gts.append(torch.where(gt[0] == ign, 255, gt[0]).cpu())
     if not f: raise ValueError(f"{where}: the validation set of dataset '{cfg.data.dataset}' is empty")
-    f, y, c = torch.cat(f), torch.cat(y), torch.cat(c)
+    f, y, c, pos = torch.cat(f), torch.cat(y), torch.cat(c), torch.cat(pos)
     if len(f) > max_points:
         idx = torch.randperm(len(f), generator=torch.Generator().manual_seed(seed))[:max_points].sort().values.to(f.device)
-        f, y, c = f[idx], y[idx], c[idx]
-    return {"feats": f.cpu(), "labels": y.cpu(), "conf": c.cpu(), "class_names": list(ds["class_names"])}
+        f, y, c, pos = f[idx], y[idx], c[idx], pos[idx]
+    h, w = max(t.shape[0] for t in prs), max(t.shape[1] for t in prs)
+    pad = lambda ts, v: torch.stack([F.pad(t.movedim(-1, 0) if t.ndim == 3 else t, (0, w - t.shape[1], 0, h - t.shape[0]), value=v)
+                                     for t in ts])
+    return {"feats": f.cpu(), "labels": y.cpu(), "conf": c.cpu(), "class_names": list(ds["class_names"]), "where": pos.cpu(),
+            "images": pad(ims, 0).permute(0, 2, 3, 1).contiguous(), "pred": pad(prs, 255), "truth": pad(gts, 255)}
 
 # %% ../nbs/09_views.ipynb #4243a15b
 def from_checkpoint(path, run_dir=None, class_names=None, method: str = "pca", features="auto", n_images: int = 4) -> TrainingDashboard:
@@ -1152,7 +1237,7 @@ def from_checkpoint(path, run_dir=None, class_names=None, method: str = "pca", f
             if features != "auto": raise
             dash.error.append_stderr(f"no feature sample: computing one from {path} failed: {e!r}\n")
     if sample and {"feats", "labels", "conf"} <= set(sample):
-        dash.features.set_data(sample["feats"], sample["labels"], sample["conf"], snap)
+        dash.features.set_sample(sample, snap)
         dash.stats.set_data(sample["feats"], sample["labels"], sample["conf"])
     elif snap is not None: dash.features.set_bank(snap)
     dash.stop_button.disabled = True; dash.status.value = f"<b>loaded</b> {path} (iteration {it})"
@@ -1220,7 +1305,7 @@ def _read_log(self: RunFollower) -> bool:
         d._iteration = max(d._iteration, st.iteration)
         if st.sample is not None and st.sample is not self._seen_sample:
             self._seen_sample = s = st.sample
-            d._sample = {k: s[k] for k in ("feats", "labels", "conf", "is_labeled", "iteration", "phase") if k in s}
+            d._sample = {k: s[k] for k in _SAMPLE_KEYS if k in s}
             d._dirty["features"] = d._dirty["stats"] = d._dirty["margins"] = True
         if st.bank is not None and st.bank is not self._seen_bank:
             self._seen_bank = st.bank

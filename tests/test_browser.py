@@ -192,6 +192,13 @@ def test_views_in_jupyterlab(lab):
             readout = out4.locator(".widget-html-content:has-text('confidence')").first
             readout.wait_for(state="visible", timeout=30_000)
             assert f"row {where['row']}" in readout.inner_text(), readout.inner_text()
+            # ... and shows the point's image patch (image, prediction, ground truth) below the figure, crisp at 2x
+            patch = out4.locator(".widget-image:visible").first
+            patch.wait_for(state="visible", timeout=30_000)
+            page.wait_for_function("el => el.naturalWidth > 0", arg=patch.element_handle(), timeout=30_000)
+            nat, css = patch.evaluate("el => [el.naturalWidth, el.getBoundingClientRect().width]")
+            assert abs(nat - 2 * css) <= 2 and css > 300, (nat, css)
+            assert abs(PILImage.open(io.BytesIO(patch.screenshot())).size[0] - 2 * css) <= 4
             _no_traceback(page)
         except Exception:
             try:  # diagnostics for a failing run

@@ -115,4 +115,8 @@ def test_unimatch_methods_feed_the_views(tmp_path, name):
     tr.fit(); tr.close()
     semi = [s for s in w.samples if s["phase"] != "sup_only"]
     assert len(w.samples) == 5 and semi and all((~s["is_labeled"]).any() for s in semi)
+    for s in semi:       # the patches: the unlabeled points sit in the weak views, where the prediction is their label
+        b, r, c = s["where"].long().T; u = ~s["is_labeled"]
+        assert (b[u] >= len(s["truth"])).all() and (s["pred"][b, r, c].long() == s["labels"]).all()
+        assert s["images"].shape[:3] == s["pred"].shape and s["images"].dtype == torch.uint8
     assert w.inits == (1 if name == "unimatch_brpg" else 0)

@@ -252,9 +252,18 @@ def test_dashboard_with_real_trainer(tmp_path):
     np.testing.assert_array_equal(od.drift.history()["iterations"], h["iterations"])
     np.testing.assert_allclose(od.drift.history()["from_init"], h["from_init"], rtol=1e-6, atol=1e-7)
     assert od.features.is_labeled is not None and od.features.sample_meta["phase"] in ("sampling", "prototypes", "semi")
-    (tmp_path / "views.log").unlink()                             # an older run without a view log ...
+    pt = od.features.patches                                      # each point's image patch came through the log
+    b, r, c = pt["where"].T
+    assert (pt["pred"][b, r, c] == od.features.labels).all() and pt["images"].dtype == np.uint8
+    row = int(np.flatnonzero(od.features.is_labeled)[0]); od.features.inspect(row)
+    assert od.features.patch.shown == tuple(pt["where"][row]) and od.features.patch.axes[2].images   # labeled: its truth
+    (tmp_path / "views.log").unlink()                             # an older run without a view log: the saved sample ...
+    od1 = open_run(tmp_path)
+    np.testing.assert_array_equal(od1.features.patches["where"], dash.features.patches["where"])
     (tmp_path / "views_state.npz").unlink()                       # ... nor a saved sample: computed from the checkpoint's model
     od2 = open_run(tmp_path, n_images=2)
+    p2 = od2.features.patches; b, r, c = p2["where"].T
+    assert len(p2["images"]) == 2 and (p2["truth"][b, r, c] == od2.features.labels).all()
     assert not od2.error.outputs, od2.error.outputs
     assert od2.drift.history()["from_init"].shape == (1,) + tuple(tr.method.bank.protos.shape[:2])
     y = od2.features.labels
