@@ -30,15 +30,18 @@ forward, EMA and backward are each timed directly. Peak extra memory: a fresh su
 kernel's RSS high-water mark (VmHWM, reset through /proc/self/clear_refs) over one step minus RSS before it
 (includes the kept rep.grad, 130 MiB). The last line compares both on the same picks (sync-free rule).
 
-    OMP_NUM_THREADS=2 python benchmarks/prototype_step.py --device cpu --scale both --repeats 7 --skip-init --skip-model
+    OMP_NUM_THREADS=2 python benchmarks/prototype_step.py --device cpu --scale both --repeats 15 --skip-init --skip-model
 
-Measured with that command (shared, loaded 2-core machine, torch 2.14.1):
+Measured with that command (shared 2-core machine, torch 2.14.1; the first of three runs, README has all three),
+after the gradient buffer became reusable (`brpg.sampling.zeroed_buffer`) and the empty-slot mask an added bias:
 
-    VOC  old: fwd 91.8, EMA 10.7, bwd 337.4, step 439.2 ms, peak extra 404 MiB
-         new: fwd 76.3, EMA  9.6, bwd 127.0, step 206.5 ms, peak extra 206 MiB  -> new/old 0.47
-    COCO old: fwd 119.7, EMA 18.4, bwd 335.7, step 487.9 ms, peak extra 357 MiB
-         new: fwd 99.7, EMA 15.7, bwd 158.2, step 264.7 ms, peak extra 240 MiB  -> new/old 0.54
-    same picks: |d loss| 0, |d grad| <= 3.6e-12 (grad scale 6.5e-05), |d EMA'd protos| 0
+    VOC  old: fwd 42.1, EMA 4.5, bwd 166.4, step 213.6 ms, peak extra 392 MiB
+         new: fwd 33.1, EMA 3.7, bwd  35.1, step  72.1 ms, peak extra 191 MiB  -> new/old 0.338
+    COCO old: fwd 54.9, EMA 9.1, bwd 180.9, step 245.1 ms, peak extra 377 MiB
+         new: fwd 44.0, EMA 7.9, bwd  43.4, step  95.3 ms, peak extra 214 MiB  -> new/old 0.389
+    same picks: |d loss| 0, |d grad| <= 3.6e-12 (grad scale 6.6e-05), |d EMA'd protos| 0
+
+Before those two changes (same command, a loaded machine): VOC new/old 0.47, COCO 0.54.
 
 Earlier numbers (before `prototype_step`; the old breakdown derived backward by subtraction):
 
@@ -53,8 +56,9 @@ Measured 2026-11-25 16:35 UTC with the CPU command above on an otherwise idle 2-
                            (0.21% scaled to 513)
     (An earlier run on the loaded machine, before the single-gather change: VOC step 1.36 s, COCO 1.58 s.)
 
-On CPU the backward is dominated by the zero-filled full-size gradient buffers that the sampling ops'
-index/slice backward allocates for the [8, 256, 129, 129] rep map (memory bound; cheap on a GPU).
+On CPU the old chain's backward is dominated by the zero-filled full-size gradient buffers that the sampling ops'
+index/slice backward allocates for the [8, 256, 129, 129] rep map (memory bound, first-touch page faults
+included; cheap on a GPU). The new step writes one such buffer, kept and re-zeroed from step to step.
 
 `--crop` sets the crop of the prototype step (513 = official); `--model-crop` the crop of the R101 step
 (default: same as --crop). When they differ the ratio is also reported with the model time extrapolated to
