@@ -386,7 +386,7 @@ def redraw(self: FeatureSpaceView):
         when = ", ".join(x for x in (f"iteration {m['iteration']}" if m.get("iteration") is not None else "",
                                      f"phase {m['phase']}" if m.get("phase") else "") if x)
         ax.set_title(f"{self.method.value.upper()} of {len(self._idx)} class-balanced features + {len(self._emb_protos)} "
-                     f"prototypes{' (' + when + ')' if when else ''}", fontsize=9)
+                     f"prototypes{chr(10) + when if when else ''}", fontsize=9)        # two lines: fits over the axes
         grey = "0.35"
         kinds = [Line2D([], [], ls="", marker="o", color=grey, label=f"high conf ({hi.sum()})"),
                  Line2D([], [], ls="", marker="^", mfc="none", color=grey, label=f"low conf ({lo.sum()})"),

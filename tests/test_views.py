@@ -279,3 +279,27 @@ def test_cuda_bank_and_sample():
     assert rec._pending[0][1].is_cuda and rec.history()["from_init"].shape == (1, 4, 6)
     v = FeatureSpaceView(*(torch.as_tensor(s[k]).cuda() for k in ("feats", "labels", "conf")), bank=b)
     assert n_pts(v.artists["high"]) + n_pts(v.artists["low"]) == 500
+
+
+@pytest.mark.slow
+def test_view_figures_script_on_a_finished_run(tmp_path):
+    "scripts/brain_views.py (the figures of experiments/brain_views) on a finished BRPG run: every figure and its facts."
+    import subprocess, sys
+    from pathlib import Path
+    from brpg.trainer import Trainer
+    from brpg.testing import tiny_demo_config
+    tr = Trainer(tiny_demo_config("brpg", ["trainer.epochs=3"]), out_dir=tmp_path / "run"); tr.fit(); tr.close()
+    script = Path(__file__).resolve().parents[1] / "scripts" / "brain_views.py"
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), str(tmp_path / "figs")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    names = ("curves", "features", "confidence", "drift", "margins", "patch")
+    assert all((tmp_path / "figs" / f"{n}.png").stat().st_size > 10_000 for n in names)
+    f = json.loads((tmp_path / "figs" / "facts.json").read_text())
+    assert list(f["per_class"]) == list(tr.class_names) and f["phase"] == "prototypes"
+    counts = sum(v["high"] + v["low"] + v["pseudo"] for v in f["per_class"].values())
+    assert counts == f["rows"] and sum(v["prototypes_high"] + v["prototypes_low"] for v in f["per_class"].values()) == int(tr.method.bank.valid.sum())
+    (b, y, x), (h, w) = f["patch_where"], f["patch_grid"]
+    assert 0 <= y < h and 0 <= x < w and f["patch_margin"] <= 0.5                # a grid position of the sample
+    r2 = subprocess.run([sys.executable, str(script), str(tmp_path / "missing"), str(tmp_path / "f2")], capture_output=True, text=True)
+    assert r2.returncode != 0 and r2.stderr.strip().splitlines()[-1].startswith("brain_views: run directory")
+    assert not (tmp_path / "f2").exists()
