@@ -623,7 +623,7 @@ def redraw(self: PrototypeDriftView):
         self.fig.clear(); self.artists = {"from_init": {}, "step": {}}
         axs = self.fig.subplots(2, 2, gridspec_kw=dict(hspace=0.45, wspace=0.28, left=0.07, right=0.92, top=0.93, bottom=0.08))
         slot_cols = colormaps["tab10"](np.arange(S) % 10)
-        for key, ax, title in (("from_init", axs[0, 0], "cos distance from init"), ("step", axs[0, 1], "cos distance step to step")):
+        for key, ax, title in (("from_init", axs[0, 0], "cos distance from init"), ("step", axs[0, 1], "cos distance since the previous record")):
             data = fi if key == "from_init" else st
             for s in np.nonzero(valid[c])[0]:
                 lab = f"{'high' if is_high[c, s] else 'low'} {s}" + (" (APO)" if added[c, s] else "")
@@ -641,7 +641,7 @@ def redraw(self: PrototypeDriftView):
             self.artists["usage"] = ax.bar([f"{'H' if is_high[c, s] else 'L'}{s}{'*' if added[c, s] else ''}" for s in vs],
                                            share[vs], color=slot_cols[vs], edgecolor=["k" if added[c, s] else "none" for s in vs], linewidth=1.5)
             ax.set_ylim(0, 1)
-        ax.set_title(f"{names[c]}: share of the class's pixels per prototype ({self.usage_mode.value}; * = APO)", fontsize=9)
+        ax.set_title(f"{names[c]}: share of its pixels per prototype\n({self.usage_mode.value}; * = APO)", fontsize=9)
         ax.tick_params(labelsize=7)
         ax = axs[1, 1]
         cur = np.ma.masked_array(fi[-1], ~valid)
