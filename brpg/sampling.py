@@ -13,7 +13,7 @@ from fastcore.basics import patch
 __all__ = ['ClassQueues', 'ConfidenceQueues', 'top_per_class', 'downsample_labels', 'labeled_candidates', 'unlabeled_candidates',
            'pixel_positions', 'random_subset', 'queue_candidates', 'all_gather_rows', 'grid_positions', 'labeled_grid',
            'sample_distinct', 'pick_confident', 'unlabeled_pick', 'PointGroup', 'grid_points', 'pixel_points',
-           'zeroed_buffer', 'gather_points', 'loss_threshold']
+           'zeroed_buffer', 'release_zeroed_buffers', 'gather_points', 'loss_threshold']
 
 # %% ../nbs/04_sampling.ipynb #ada3e049
 class ClassQueues:
@@ -493,6 +493,10 @@ def zeroed_buffer(shape, dtype, device, memory_format=torch.contiguous_format) -
             base = torch.empty(shape, dtype=dtype, memory_format=memory_format)
             _ZBUF.clear(); _ZBUF[key] = base                  # only the newest is kept
         return base.zero_().detach()                          # a new tensor on the kept storage
+
+def release_zeroed_buffers():
+    "Drop the kept buffer (the trainer does at the end of `fit()`); memory still in use elsewhere stays with its holder."
+    with _ZBUF_LOCK: _ZBUF.clear()
 
 # %% ../nbs/04_sampling.ipynb #275bffad
 def _image_runs(b: torch.Tensor):

@@ -10,7 +10,7 @@ import torch, torch.nn as nn, torch.nn.functional as F
 import torch.distributed as dist
 from fastcore.basics import patch
 from .config import Config, ConfigError, check_crop_keys
-from . import data as bdata, models as bmodels, metrics as bmetrics
+from . import data as bdata, models as bmodels, metrics as bmetrics, sampling as bsampling
 from .seeding import seed_for, seed_everything, get_rng_state, set_rng_state
 from .checkpoint import (CheckpointError, RUN_FILES, atomic_save, atomic_copy, read_checkpoint, model_signature)
 from .methods import method_class
@@ -535,6 +535,7 @@ def fit(self: Trainer) -> dict:
         self.runlog.close()
         if getattr(self, "viewlog", None) is not None: self.viewlog.close()
         self._close_loaders()
+        bsampling.release_zeroed_buffers()                   # the prototype step's kept gradient buffer
         if self._lock is not None: self._lock.release()
 
 # %% ../nbs/08_trainer.ipynb #cl0sel0a
