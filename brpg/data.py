@@ -19,11 +19,11 @@ from .config import Config, DataConfig, ConfigError, load_config, method_has
 
 # %% auto #0
 __all__ = ['VOC_CLASSES', 'CITYSCAPES_CLASSES', 'COCO_CLASSES', 'DEMO_CLASSES', 'IMG_EXTS', 'SPLITS', 'voc_palette', 'colorize',
-           'normalize', 'denormalize', 'thumbnails', 'DatasetError', 'Sample', 'read_split', 'cityscapes_label_path',
-           'parse_line', 'read_samples', 'load_image', 'load_mask', 'check_mask', 'draw_scale', 'pad_crop',
-           'labeled_transform', 'color_jitter', 'gaussian_blur', 'strong_view', 'unlabeled_transform', 'val_transform',
-           'SegDataset', 'LabeledDataset', 'UnlabeledDataset', 'ValDataset', 'default_cache_dir', 'Catalog',
-           'dataset_root', 'resolve_num_classes', 'dataset_catalog', 'validate_dataset', 'format_problems',
+           'normalize', 'denormalize', 'thumbnails', 'label_bytes', 'DatasetError', 'Sample', 'read_split',
+           'cityscapes_label_path', 'parse_line', 'read_samples', 'load_image', 'load_mask', 'check_mask', 'draw_scale',
+           'pad_crop', 'labeled_transform', 'color_jitter', 'gaussian_blur', 'strong_view', 'unlabeled_transform',
+           'val_transform', 'SegDataset', 'LabeledDataset', 'UnlabeledDataset', 'ValDataset', 'default_cache_dir',
+           'Catalog', 'dataset_root', 'resolve_num_classes', 'dataset_catalog', 'validate_dataset', 'format_problems',
            'build_datasets', 'image_modes', 'data_report', 'mix_seed', 'resample_indices', 'Resampled', 'SeededSampler',
            'ShardSampler', 'seed_worker', 'pad_collate', 'unwrap_worker_error', 'SegLoader', 'build_loaders',
            'loader_pass', 'cutmix_masks', 'random_boxes', 'apply_cutmix']
@@ -93,6 +93,11 @@ def thumbnails(img: torch.Tensor, size, mean=(123.675, 116.28, 103.53), std=(58.
     if img.ndim != 4 or img.shape[1] != 3: raise ValueError(f"thumbnails: images must be [B,3,H,W], got {tuple(img.shape)}")
     x = F.interpolate(denormalize(img.float(), mean, std), size=tuple(size), mode="area")
     return x.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+def label_bytes(y: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+    "A label map as uint8 (int16 past 254 classes) on the CPU, `ignore_index` as 255 (-1)."
+    dt = torch.uint8 if num_classes < 255 else torch.int16
+    return torch.where(y == ignore_index, torch.full_like(y, 255 if dt == torch.uint8 else -1), y).to(dt).cpu()
 
 # %% ../nbs/01_data.ipynb #b8611270
 class DatasetError(ValueError):

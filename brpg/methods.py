@@ -126,11 +126,6 @@ def observe(self: Method, pred, rep, y_l, unl_c, it: int, images=None):
         with self.tr.untimed(): self.emit_sample(lab_c, unl_c, it, images)
 
 # %% ../nbs/07a_methods.ipynb #c2567168
-def _label_bytes(y: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
-    "A label map as uint8 (int16 past 254 classes) on the CPU, the ignore label as 255 (-1)."
-    dt = torch.uint8 if num_classes < 255 else torch.int16
-    return torch.where(y == ignore_index, torch.full_like(y, 255 if dt == torch.uint8 else -1), y).to(dt).cpu()
-
 @patch
 @torch.no_grad()
 def view_patches(self: Method, images, lab_c, unl_c) -> dict:
@@ -139,7 +134,7 @@ def view_patches(self: Method, images, lab_c, unl_c) -> dict:
     ims, preds = [bdata.thumbnails(images[0], (h, w), dc.mean, dc.std)], [lab_c.pred_map]
     if unl_c is not None and len(images) > 1:
         ims.append(bdata.thumbnails(images[1], (h, w), dc.mean, dc.std)); preds.append(unl_c.pred_map)
-    lb = lambda y: _label_bytes(y, dc.num_classes, dc.ignore_index)
+    lb = lambda y: bdata.label_bytes(y, dc.num_classes, dc.ignore_index)
     return {"images": torch.cat(ims).cpu(), "pred": torch.cat([lb(p) for p in preds]), "truth": lb(lab_c.truth_map)}
 
 @patch
@@ -147,16 +142,16 @@ def view_patches(self: Method, images, lab_c, unl_c) -> dict:
 def emit_sample(self: Method, lab_c, unl_c, it: int, images=None):
     "Send `on_features_sampled` with ≤ VIEW_SAMPLE_SIZE candidate features, their flags and, with `images`, their patches."
     hf, hl, lf, ll = lab_c
-    B_l = lab_c.grid[0]
-    pos = lambda mask, grid, first=0: bsampling.pixel_positions(mask, grid, first).to(torch.int32)
-    parts = [(hf, hl, lab_c.hi_conf, True, True, lambda: pos(lab_c.hi_mask, lab_c.grid)),
-             (lf, ll, lab_c.lo_conf, False, True, lambda: pos(lab_c.lo_mask, lab_c.grid))]
-    if unl_c is not None: parts.append((unl_c[0], unl_c[1], unl_c.conf, True, False, lambda: pos(unl_c.mask, unl_c.grid, B_l)))
+    # (feats, labels, conf, is_high, is_labeled, mask, grid, first image) per kind of candidate
+    parts = [(hf, hl, lab_c.hi_conf, True, True, lab_c.hi_mask, lab_c.grid, 0),
+             (lf, ll, lab_c.lo_conf, False, True, lab_c.lo_mask, lab_c.grid, 0)]
+    if unl_c is not None: parts.append((unl_c[0], unl_c[1], unl_c.conf, True, False, unl_c.mask, unl_c.grid, lab_c.grid[0]))
     f = torch.cat([p[0].float() for p in parts]); l = torch.cat([p[1] for p in parts])
     c = torch.cat([p[2].float() for p in parts])
     flag = lambda j: torch.cat([torch.full((len(p[1]),), p[j], dtype=torch.bool, device=f.device) for p in parts])
     hi, lb = flag(3), flag(4)
-    cols = [f, l, c, hi, lb] + ([torch.cat([p[5]() for p in parts])] if images is not None else [])
+    cols = [f, l, c, hi, lb]
+    if images is not None: cols.append(torch.cat([bsampling.pixel_positions(*p[5:]) for p in parts]).to(torch.int32))
     g = torch.Generator().manual_seed(seed_for(self.cfg.trainer.seed, self.tr.rank, it, 7))
     cols = [t.cpu() for t in bsampling.random_subset(VIEW_SAMPLE_SIZE, *cols, generator=g, keep_order=True)]
     s = dict(zip(("feats", "labels", "conf", "is_high", "is_labeled", "where"), cols))

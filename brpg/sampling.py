@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_sampling.ipynb #30f20ffb
 from __future__ import annotations
-import math
+import math, threading
 import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
@@ -475,7 +475,6 @@ def pixel_points(sel: torch.Tensor, H: int, W: int, h: int, w: int, b0: int = 0,
     return _corner_points(b.to(dev) + b0, ys, xs, h, w)
 
 # %% ../nbs/04_sampling.ipynb #zbuf0002
-import threading
 _ZBUF, _ZBUF_LOCK = {}, threading.Lock()
 
 def _storage_holders(t: torch.Tensor) -> int:

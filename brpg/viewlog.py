@@ -127,7 +127,8 @@ def encode_record(kind: str, iteration: int, arrays: dict | None = None, meta: d
     `kind`, `iteration`, `meta` (JSON)."""
     buf = io.BytesIO()
     arrs = {k: _raw(v) for k, v in (arrays or {}).items() if v is not None}
-    (np.savez_compressed if compress else np.savez)(buf, _kind=np.asarray(kind), _iteration=np.asarray(int(iteration)), _meta=np.asarray(json.dumps(meta or {})), **arrs)
+    save = np.savez_compressed if compress else np.savez
+    save(buf, _kind=np.asarray(kind), _iteration=np.asarray(int(iteration)), _meta=np.asarray(json.dumps(meta or {})), **arrs)
     p = buf.getvalue()
     return _HEAD.pack(_MAGIC, len(p), zlib.crc32(p)) + p
 

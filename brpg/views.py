@@ -1170,7 +1170,8 @@ def features_from_checkpoint(path_or_ckpt, n_images: int = 4, max_points: int = 
     (`where`, `images`, `pred`, `truth`; images of different sizes are padded to the largest, ignored labels)."""
     from brpg.config import config_from_dict
     from brpg.checkpoint import model_from_checkpoint
-    from brpg.data import build_datasets, thumbnails
+    from brpg.data import build_datasets, thumbnails, label_bytes
+    from brpg.sampling import pixel_positions
     ck = path_or_ckpt if isinstance(path_or_ckpt, Mapping) else _load_ckpt(path_or_ckpt)
     where = "checkpoint" if isinstance(path_or_ckpt, Mapping) else str(path_or_ckpt)
     miss = [k for k in ("config", "student") if not isinstance(ck, Mapping) or k not in ck]
@@ -1190,19 +1191,20 @@ def features_from_checkpoint(path_or_ckpt, n_images: int = 4, max_points: int = 
             gt = F.interpolate(item["mask"][None, None].float().to(device), size=prob.shape[-2:], mode="nearest")[:, 0].long()
             keep = gt != ign
             f.append(rep.permute(0, 2, 3, 1)[keep]); y.append(gt[keep]); c.append(prob.amax(1)[keep])
-            pos.append(torch.cat([torch.full_like(keep.nonzero()[:, :1], i), keep.nonzero()[:, 1:]], 1))
+            pos.append(pixel_positions(keep, tuple(keep.shape), first_image=i))
             ims.append(thumbnails(item["image"][None].to(device), prob.shape[-2:], dc.mean, dc.std)[0].cpu())
-            prs.append(prob.argmax(1)[0].cpu()); gts.append(torch.where(gt[0] == ign, 255, gt[0]).cpu())
+            prs.append(label_bytes(prob.argmax(1)[0], dc.num_classes, ign)); gts.append(label_bytes(gt[0], dc.num_classes, ign))
     if not f: raise ValueError(f"{where}: the validation set of dataset '{cfg.data.dataset}' is empty")
     f, y, c, pos = torch.cat(f), torch.cat(y), torch.cat(c), torch.cat(pos)
     if len(f) > max_points:
         idx = torch.randperm(len(f), generator=torch.Generator().manual_seed(seed))[:max_points].sort().values.to(f.device)
         f, y, c, pos = f[idx], y[idx], c[idx], pos[idx]
     h, w = max(t.shape[0] for t in prs), max(t.shape[1] for t in prs)
+    ign_code = 255 if prs[0].dtype == torch.uint8 else -1             # `label_bytes`' ignore code pads
     pad = lambda ts, v: torch.stack([F.pad(t.movedim(-1, 0) if t.ndim == 3 else t, (0, w - t.shape[1], 0, h - t.shape[0]), value=v)
                                      for t in ts])
     return {"feats": f.cpu(), "labels": y.cpu(), "conf": c.cpu(), "class_names": list(ds["class_names"]), "where": pos.cpu(),
-            "images": pad(ims, 0).permute(0, 2, 3, 1).contiguous(), "pred": pad(prs, 255), "truth": pad(gts, 255)}
+            "images": pad(ims, 0).permute(0, 2, 3, 1).contiguous(), "pred": pad(prs, ign_code), "truth": pad(gts, ign_code)}
 
 # %% ../nbs/09_views.ipynb #4243a15b
 def from_checkpoint(path, run_dir=None, class_names=None, method: str = "pca", features="auto", n_images: int = 4) -> TrainingDashboard:

@@ -19,30 +19,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a chec
 from brpg.views import open_run, prototype_margins  # noqa: E402
 
 
-def facts(dash) -> dict:
-    "Counts, margins and prototype kinds of the last feature sample, per class and overall."
+def facts(dash, mg: dict) -> dict:
+    "Counts, margins (`mg`: `prototype_margins` of the sample) and prototype kinds of the last feature sample."
     fv, thr = dash.features, dash.features.threshold.value
     y, cf, lab, bank = fv.labels, fv.conf, fv.is_labeled, fv.bank
     names = list(dash.class_names or [f"class {c}" for c in range(fv.num_classes)])
-    mg = prototype_margins(fv.feats, y, bank)
-    hi, lo, ps = lab & (cf >= thr), lab & (cf < thr), ~lab
-    med = lambda m: None if not (m & mg["valid"]).any() else round(float(np.median(mg["margin"][m & mg["valid"]])), 4)
-    share = lambda m: None if not (m & mg["valid"]).any() else round(float(mg["own_low"][m & mg["valid"]].mean()), 4)
-    per = {names[c]: {"high": int((hi & (y == c)).sum()), "low": int((lo & (y == c)).sum()), "pseudo": int((ps & (y == c)).sum()),
+    kinds = {"high": lab & (cf >= thr), "low": lab & (cf < thr), "pseudo": ~lab}
+
+    def over(stat):
+        "`stat` of the valid margins of each kind of pixel (None for a kind without any)."
+        out = {}
+        for k, m in kinds.items():
+            v = m & mg["valid"]
+            out[k] = round(float(stat(mg["margin"][v], mg["own_low"][v])), 4) if v.any() else None
+        return out
+    per = {names[c]: {**{k: int((m & (y == c)).sum()) for k, m in kinds.items()},
                       "prototypes_high": int((bank.valid[c] & bank.is_high[c]).sum()),
                       "prototypes_low": int((bank.valid[c] & ~bank.is_high[c]).sum()), "apo_added": int(bank.added[c].sum())}
            for c in range(len(names))}
     return {"iteration": fv.sample_meta["iteration"], "phase": fv.sample_meta["phase"], "threshold": thr,
             "rows": int(len(y)), "shown": int(len(fv._idx)), "per_class": per,
-            "median_margin": {"high": med(hi), "low": med(lo), "pseudo": med(ps)},
-            "served_by_low_prototype": {"high": share(hi), "low": share(lo), "pseudo": share(ps)},
-            "negative_margin": {"high": share_neg(mg, hi), "low": share_neg(mg, lo), "pseudo": share_neg(mg, ps)}}
-
-
-def share_neg(mg, m):
-    "Share of the pixels in `m` nearer another class's prototype than their own."
-    v = m & mg["valid"]
-    return None if not v.any() else round(float((mg["margin"][v] < 0).mean()), 4)
+            "median_margin": over(lambda mr, low: np.median(mr)),
+            "served_by_low_prototype": over(lambda mr, low: low.mean()),
+            "negative_margin": over(lambda mr, low: (mr < 0).mean())}
 
 
 def main(argv=None):
@@ -62,7 +61,7 @@ def main(argv=None):
     if not len(cand): cand = np.flatnonzero(mg["valid"])
     row = int(cand[np.argmin(mg["margin"][cand])])
     fv.inspect(row); paths.append(fv.patch.export(out / "patch.png"))
-    f = {**facts(dash), "patch_row": row, "patch_where": [int(v) for v in fv.patches["where"][row]],
+    f = {**facts(dash, mg), "patch_row": row, "patch_where": [int(v) for v in fv.patches["where"][row]],
          "patch_grid": [int(v) for v in fv.patches["images"].shape[1:3]], "patch_margin": round(float(mg["margin"][row]), 4), "patch_conf": round(float(fv.conf[row]), 4),
          "patch_class": dash.class_names[int(fv.labels[row])] if dash.class_names else int(fv.labels[row])}
     (out / "facts.json").write_text(json.dumps(f, indent=1) + "\n")
